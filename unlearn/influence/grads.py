@@ -1,0 +1,242 @@
+"""Gradients in a flat parameter space: per-sample gradients, mean gradients and
+curvature-vector products (Hessian or Gauss-Newton) over a loader.
+
+Everything here streams over a loader batch by batch, so memory is bounded by one batch of
+per-sample gradients ``[B, P]``, never ``[n_train, P]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+from torch.utils._pytree import tree_map
+from torch.utils.data import DataLoader, RandomSampler
+
+from unlearn.tasks import Task
+
+
+@dataclass(frozen=True)
+class ParamSpace:
+    """An ordered selection of a model's parameters, flattened into one vector."""
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @classmethod
+    def of(cls, model: nn.Module, names: Sequence[str] | None = None) -> ParamSpace:
+        params = dict(model.named_parameters())
+        if names is None:
+            names = [n for n, p in params.items() if p.requires_grad]
+        unknown = [n for n in names if n not in params]
+        if unknown:
+            raise KeyError(f"unknown parameter names {unknown[:5]}; the model has {list(params)}")
+        if not names:
+            raise ValueError("the model has no trainable parameters to compute influence on")
+        return cls(tuple(names), tuple(params[n].shape for n in names))
+
+    @property
+    def numel(self) -> int:
+        return sum(s.numel() for s in self.shapes)
+
+    def params(self, model: nn.Module) -> dict[str, Tensor]:
+        named = dict(model.named_parameters())
+        return {n: named[n].detach() for n in self.names}
+
+    def flatten(self, tensors: dict[str, Tensor], batch_dims: int = 0) -> Tensor:
+        parts = []
+        for n in self.names:
+            t = tensors[n]
+            parts.append(t.reshape(*t.shape[:batch_dims], -1))
+        return torch.cat(parts, dim=-1)
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split ``[..., P]`` into named tensors ``[..., *shape]``."""
+        if flat.shape[-1] != self.numel:
+            raise ValueError(
+                f"vector has {flat.shape[-1]} entries but the parameter space has {self.numel}"
+            )
+        out, start = {}, 0
+        lead = flat.shape[:-1]
+        for n, s in zip(self.names, self.shapes, strict=True):
+            out[n] = flat[..., start : start + s.numel()].reshape(*lead, *s)
+            start += s.numel()
+        return out
+
+    def slices(self) -> dict[str, slice]:
+        out, start = {}, 0
+        for n, s in zip(self.names, self.shapes, strict=True):
+            out[n] = slice(start, start + s.numel())
+            start += s.numel()
+        return out
+
+
+def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    p = next(model.parameters())
+    return p.dtype, p.device
+
+
+def to_model(batch: Any, model: nn.Module) -> Any:
+    """Move a batch to the model's device; cast floating tensors to the model's dtype."""
+    dtype, device = model_dtype_device(model)
+
+    def move(t: Any) -> Any:
+        if isinstance(t, Tensor):
+            t = t.to(device)
+            return t.to(dtype) if t.is_floating_point() else t
+        return t
+
+    return tree_map(move, batch)
+
+
+def check_loader(loader: DataLoader, what: str, ordered: bool = True) -> None:
+    """Clear errors for loaders the estimators cannot use."""
+    if not isinstance(loader, DataLoader):
+        raise TypeError(f"{what} must be a torch.utils.data.DataLoader, got {type(loader)}")
+    if ordered and isinstance(loader.sampler, RandomSampler):
+        raise ValueError(
+            f"{what} shuffles (RandomSampler); score columns follow the loader's order, so "
+            "build it with shuffle=False"
+        )
+    try:
+        n = len(loader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return
+    if n == 0:
+        raise ValueError(f"{what} is empty: its dataset has no examples")
+
+
+def _single(x: Any) -> Any:
+    return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x)
+
+
+def per_sample_grads(
+    model: nn.Module,
+    task: Task,
+    batch: Any,
+    space: ParamSpace,
+    *,
+    targets: Tensor | None = None,
+    query: bool = False,
+) -> Tensor:
+    """Per-sample gradients of the loss, ``[B, P]`` in ``space``'s order.
+
+    ``targets`` replaces the batch's own targets (sampled labels for the true Fisher);
+    ``query=True`` differentiates ``task.query_loss`` instead of the training loss.
+    """
+    inputs, batch_targets = task.split_batch(to_model(batch, model))
+    if targets is None:
+        targets = batch_targets
+    params = space.params(model)
+    loss_of = task.query_loss if query else task.per_sample_loss
+
+    def loss_one(p: dict[str, Tensor], x: Any, y: Tensor) -> Tensor:
+        out = functional_call(model, p, (_single(x),))
+        return loss_of(out, _single(y)).sum()
+
+    grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, inputs, targets)
+    flat = space.flatten(grads, batch_dims=1)
+    if not torch.isfinite(flat).all():
+        raise FloatingPointError(
+            "per-sample gradients contain NaN or inf: check the model weights and inputs"
+        )
+    return flat
+
+
+def iter_grads(
+    model: nn.Module,
+    task: Task,
+    loader: DataLoader,
+    space: ParamSpace,
+    *,
+    query: bool = False,
+    progress: Callable[[Iterator], Iterator] | None = None,
+) -> Iterator[Tensor]:
+    """Yield per-sample gradient chunks ``[B, P]`` batch by batch."""
+    batches = iter(loader) if progress is None else progress(iter(loader))
+    for batch in batches:
+        yield per_sample_grads(model, task, batch, space, query=query)
+
+
+def mean_loss(model: nn.Module, task: Task, loader: DataLoader) -> float:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            losses = task.loss(model, to_model(batch, model))
+            total += float(losses.sum())
+            count += losses.shape[0]
+    return total / max(count, 1)
+
+
+def curvature_product(
+    model: nn.Module,
+    task: Task,
+    loader: DataLoader,
+    space: ParamSpace,
+    mode: str = "hessian",
+) -> Callable[[Tensor], Tensor]:
+    """Return ``V[k, P] -> C V`` with C the Hessian (``"hessian"``) or generalised
+    Gauss-Newton (``"ggn"``) of the *mean* training loss over ``loader``.
+
+    Each call is one pass over the loader; the k vectors are handled together with vmap.
+    """
+    if mode not in ("hessian", "ggn"):
+        raise ValueError(f"curvature mode must be 'hessian' or 'ggn', got {mode!r}")
+    params = space.params(model)
+    n_total = len(loader.dataset)  # type: ignore[arg-type]
+
+    def product(vectors: Tensor) -> Tensor:
+        squeeze = vectors.dim() == 1
+        V = vectors.unsqueeze(0) if squeeze else vectors
+        out = torch.zeros_like(V)
+        tangents = space.unflatten(V)
+        for batch in loader:
+            inputs, targets = task.split_batch(to_model(batch, model))
+            if mode == "hessian":
+
+                def total_loss(p: dict[str, Tensor], inputs: Any = inputs, y: Tensor = targets):
+                    return task.per_sample_loss(functional_call(model, p, (inputs,)), y).sum()
+
+                def hvp(t: dict[str, Tensor], f: Callable = total_loss) -> Tensor:
+                    g = jvp(grad(f), (params,), (t,))[1]
+                    return space.flatten(g)
+
+                out += vmap(hvp)(tangents)
+            else:
+                out += _ggn_batch(model, task, params, space, inputs, targets, tangents)
+        out /= n_total
+        return out[0] if squeeze else out
+
+    return product
+
+
+def _ggn_batch(
+    model: nn.Module,
+    task: Task,
+    params: dict[str, Tensor],
+    space: ParamSpace,
+    inputs: Any,
+    targets: Tensor,
+    tangents: dict[str, Tensor],
+) -> Tensor:
+    """Sum over the batch of J^T H_out J v, vmapped over the tangents."""
+
+    def outputs_of(p: dict[str, Tensor]) -> Tensor:
+        return functional_call(model, p, (inputs,))
+
+    out0 = outputs_of(params).detach()
+
+    def loss_of_out(o: Tensor) -> Tensor:
+        return task.per_sample_loss(o, targets).sum()
+
+    def ggn_vp(t: dict[str, Tensor]) -> Tensor:
+        _, jv = jvp(outputs_of, (params,), (t,))
+        hjv = jvp(grad(loss_of_out), (out0,), (jv,))[1]
+        _, vjp_fn = torch.func.vjp(outputs_of, params)
+        return space.flatten(vjp_fn(hjv)[0])
+
+    return vmap(ggn_vp)(tangents)
