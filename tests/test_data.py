@@ -236,3 +236,31 @@ def test_flip_labels():
         flip_labels(ds, fraction=1.5, num_classes=4, seed=0)
     with pytest.raises(ValueError):
         flip_labels(ds, fraction=0.1, num_classes=3, seed=0)  # label 3 out of range
+
+
+@needs_mnist
+def test_mnist_download_mocked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """download=True fetches the .gz files (served locally here), checks md5, leaves no temp."""
+    import io
+    import urllib.request
+
+    calls: list[str] = []
+
+    def fake_urlopen(url: str, timeout: float = 0):
+        calls.append(url)
+        if url.startswith("https://ossci"):
+            raise OSError("mirror down")
+        return io.BytesIO((MNIST_DIR / url.rsplit("/", 1)[1]).read_bytes())
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+    ds = load_mnist(tmp_path, train=False, download=True)
+    assert len(ds) == 10000 and len(calls) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ]
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=0: io.BytesIO(b"junk"))
+    with pytest.raises(RuntimeError, match="md5"):
+        load_mnist(tmp_path / "bad", train=False, download=True)
+    assert list((tmp_path / "bad").iterdir()) == []

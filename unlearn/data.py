@@ -186,7 +186,9 @@ class IndexedDataset(Dataset):
         items = [self[k][1:] for k in range(len(self))]
         if not items:
             raise ValueError("cannot stack an empty data set")
-        return tuple(torch.stack([torch.as_tensor(f) for f in col]) for col in zip(*items))
+        return tuple(
+            torch.stack([torch.as_tensor(f) for f in col]) for col in zip(*items, strict=True)
+        )
 
 
 def split_by_ids(
@@ -204,9 +206,7 @@ def split_by_ids(
     return forget, dataset.without(id_list)
 
 
-def from_tensors(
-    x: torch.Tensor, y: torch.Tensor, ids: IdsLike | None = None
-) -> IndexedDataset:
+def from_tensors(x: torch.Tensor, y: torch.Tensor, ids: IdsLike | None = None) -> IndexedDataset:
     """An :class:`IndexedDataset` over ``(x[i], y[i])`` pairs."""
     x, y = torch.as_tensor(x), torch.as_tensor(y)
     if len(x) != len(y):
@@ -340,7 +340,7 @@ def load_mnist(
     prefix = "train" if train else "t10k"
     names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
     paths = [_find(root, n) for n in names]
-    missing = [n for n, p in zip(names, paths) if p is None]
+    missing = [n for n, p in zip(names, paths, strict=True) if p is None]
     if missing:
         if not download:
             expected = ", ".join(f"{n}(.gz)" for n in missing)
@@ -348,7 +348,10 @@ def load_mnist(
                 f"MNIST files missing in {root}: expected {expected}; "
                 "pass download=True to fetch them"
             )
-        paths = [p if p is not None else _download(root, f"{n}.gz") for n, p in zip(names, paths)]
+        paths = [
+            p if p is not None else _download(root, f"{n}.gz")
+            for n, p in zip(names, paths, strict=True)
+        ]
     images = _read_idx(paths[0], 3)
     labels = _read_idx(paths[1], 1)
     if len(images) != len(labels):

@@ -1,6 +1,31 @@
-"""Influence estimators, one protocol: fit, scores, self_influence, inverse_hvp, save/load."""
+"""Influence estimators, one protocol: fit, scores, self_influence, inverse_hvp, save/load.
 
-from unlearn.influence.base import InfluenceEstimator, NotFittedError
-from unlearn.influence.exact import ExactInfluence
+Names are imported lazily so that importing one estimator does not load them all.
+"""
 
-__all__ = ["ExactInfluence", "InfluenceEstimator", "NotFittedError"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "InfluenceEstimator": "base",
+    "NotFittedError": "base",
+    "ExactInfluence": "exact",
+    "CGInfluence": "cg",
+    "LiSSAInfluence": "lissa",
+    "ArnoldiInfluence": "arnoldi",
+    "KFACInfluence": "ekfac",
+    "EKFACInfluence": "ekfac",
+    "TracInInfluence": "tracin",
+    "GradientDotInfluence": "gradient",
+    "GradientCosineInfluence": "gradient",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'unlearn.influence' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"unlearn.influence.{_WHERE[name]}"), name)
