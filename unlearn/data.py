@@ -369,18 +369,24 @@ def mnist_split(
     root: str | os.PathLike | None,
     n_train: int = 5000,
     n_query: int = 500,
-    seed: int = 0,
+    seed: int | None = None,
     flatten: bool = True,
 ) -> tuple[IndexedDataset, IndexedDataset, IndexedDataset]:
-    """``(train, query, heldout)`` from the 10,000 t10k digits, as in dattri's MNIST benchmark.
+    """``(train, query, heldout)`` from the 10,000 t10k digits, sized as dattri's MNIST
+    benchmark (5,000 / 500 / rest).
 
-    A seeded random permutation; each part is in file order and ids are file positions.
+    With ``seed=None`` (default) the parts are contiguous in file order: the first ``n_train``
+    digits, the next ``n_query``, then the rest. An integer seed draws a random permutation
+    instead. Each part is in file order and ids are file positions.
     """
     full = load_mnist(root, train=False, flatten=flatten)
     n = len(full)
     if n_train < 1 or n_query < 0 or n_train + n_query > n:
         raise ValueError(f"n_train={n_train} + n_query={n_query} must fit in {n} samples")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    if seed is None:
+        perm = list(range(n))
+    else:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     parts = (perm[:n_train], perm[n_train : n_train + n_query], perm[n_train + n_query :])
     return tuple(full.subset(sorted(p)) for p in parts)  # type: ignore[return-value]
 
