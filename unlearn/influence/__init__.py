@@ -20,6 +20,8 @@ _WHERE = {
     "TracInInfluence": "tracin",
     "GradientDotInfluence": "gradient",
     "GradientCosineInfluence": "gradient",
+    "save_scores": "io",
+    "load_scores": "io",
 }
 
 __all__ = sorted(_WHERE)
