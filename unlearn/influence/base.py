@@ -95,6 +95,15 @@ class InfluenceEstimator:
         """Constructor arguments (besides model and task) that ``load`` needs."""
         return {"damping": self.damping, "params": list(self.space.names)}
 
+    def _transform(self, G: Tensor) -> Tensor:
+        """Map raw per-sample gradients ``G[B, P]`` (query and train alike) before scoring;
+        the identity by default (the cosine estimator normalises rows here)."""
+        return G
+
+    def _score_scale(self) -> float:
+        """Factor applied to every score; ``1/n`` by default (the leave-one-out scale)."""
+        return 1.0 / self.n_train
+
     # ----------------------------------------------------------------- public protocol
     def fit(self, train_loader: DataLoader) -> InfluenceEstimator:
         """Fit on the data the model was trained on; records ``n_train`` for the 1/n scale."""
@@ -109,11 +118,13 @@ class InfluenceEstimator:
         parameter-shaped tensors (returned in the same form)."""
         self._require_fitted()
         if isinstance(vector, dict):
-            flat = self.space.flatten({n: vector[n] for n in self.space.names})
-            return self.space.unflatten(self._precondition(flat.unsqueeze(0))[0])
+            flat = self.space.flatten(self._check_param_dict(vector))
+            return self.space.unflatten(self.inverse_hvp(flat))
+        if not isinstance(vector, Tensor):
+            raise TypeError(f"inverse_hvp expects a Tensor or a dict of them, got {type(vector)}")
         dtype, device = model_dtype_device(self.model)
         v = vector.to(device=device, dtype=dtype)
-        if v.shape[-1] != self.space.numel or v.dim() > 2:
+        if v.dim() not in (1, 2) or v.shape[-1] != self.space.numel:
             raise ValueError(
                 f"inverse_hvp expects a vector of {self.space.numel} entries (or [k, "
                 f"{self.space.numel}]), got shape {tuple(vector.shape)}"
@@ -146,11 +157,16 @@ class InfluenceEstimator:
         n_query = queries.n
         n_cols = len(train_loader.dataset)  # type: ignore[arg-type]
         sink = _ScoreSink(n_query, n_cols, top_k, out, queries.dtype)
-        col = 0
-        for G in self._train_grads(train_loader, "scoring"):
-            block = queries.dot(G) / self.n_train
-            sink.add(col, block)
-            col += G.shape[0]
+        col, scale = 0, self._score_scale()
+        try:
+            for G in self._train_grads(train_loader, "scoring"):
+                _check_count("train_loader", col + G.shape[0], n_cols, at_most=True)
+                sink.add(col, queries.dot(self._transform(G)) * scale)
+                col += G.shape[0]
+            _check_count("train_loader", col, n_cols)
+        except BaseException:
+            sink.abort()
+            raise
         return sink.result()
 
     def self_influence(self, train_loader: DataLoader) -> Tensor:
@@ -158,10 +174,14 @@ class InfluenceEstimator:
         rise if it were removed. High values flag mislabeled or atypical examples."""
         self._require_fitted()
         check_loader(train_loader, "train_loader")
-        out = []
+        out, scale = [], self._score_scale()
         for G in self._train_grads(train_loader, "self-influence"):
-            out.append((self._precondition(G) * G).sum(dim=1) / self.n_train)
-        return torch.cat(out)
+            T = self._transform(G)
+            out.append((self._precondition(T) * T).sum(dim=1) * scale)
+        result = torch.cat(out)
+        n = len(train_loader.dataset)  # type: ignore[arg-type]
+        _check_count("train_loader", result.shape[0], n)
+        return result
 
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> None:
@@ -202,17 +222,28 @@ class InfluenceEstimator:
             factors = load_file(str(fac_file))
         except Exception as err:  # corrupt JSON or safetensors
             raise ValueError(f"cannot read saved estimator at {path}: {err}") from err
+        if not isinstance(meta, dict) or not {"estimator", "n_train", "config"} <= meta.keys():
+            raise ValueError(f"{cfg_file} is not an estimator config (needs estimator, n_train "
+                             "and config)")
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{path} was written by a newer unlearn (format "
                              f"{meta['format_version']} > {FORMAT_VERSION})")
         if meta.get("estimator") != cls.__name__:
             raise ValueError(f"{path} holds a {meta.get('estimator')}, not a {cls.__name__}")
-        est = cls(model, task or ClassificationTask(), **{**meta["config"], **kw})
         dtype, device = model_dtype_device(model)
-        est.factors = {k: v.to(device) for k, v in factors.items()}
+        factors = {k: v.to(device) for k, v in factors.items()}
+        est = cls._from_config(model, task or ClassificationTask(), {**meta["config"], **kw},
+                               factors)
+        est.factors = factors
         est.n_train = int(meta["n_train"])
         est._after_load()
         return est
+
+    @classmethod
+    def _from_config(cls, model: nn.Module, task: Task, config: dict[str, Any],
+                     factors: dict[str, Tensor]) -> InfluenceEstimator:
+        """Construct for ``load``; subclasses whose constructor needs saved tensors override."""
+        return cls(model, task, **config)
 
     def _after_load(self) -> None:
         """Hook for subclasses that derive state from ``self.factors``."""
@@ -248,8 +279,32 @@ class InfluenceEstimator:
             progress=lambda it: self._bar(it, "queries", len(query_loader)),
         )
         for G in grads:
-            store.add(self._precondition(G))
+            store.add(self._precondition(self._transform(G)))
         return store
+
+    def _check_param_dict(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Parameter-shaped tensors for every name in the space, with clear errors."""
+        missing = [n for n in self.space.names if n not in tensors]
+        if missing:
+            raise ValueError(f"inverse_hvp dict lacks parameters {missing[:5]}")
+        for n, shape in zip(self.space.names, self.space.shapes, strict=True):
+            if tuple(tensors[n].shape) != tuple(shape):
+                raise ValueError(f"inverse_hvp dict entry {n!r} has shape "
+                                 f"{tuple(tensors[n].shape)}, the parameter has {tuple(shape)}")
+        dtype, device = model_dtype_device(self.model)
+        return {n: tensors[n].to(device=device, dtype=dtype) for n in self.space.names}
+
+
+def _check_count(what: str, got: int, expected: int, at_most: bool = False) -> None:
+    """The loader must yield each example of its dataset exactly once (no drop_last, no
+    sampler that skips or repeats examples): score columns are dataset positions."""
+    if got > expected or (not at_most and got != expected):
+        raise ValueError(
+            f"{what} yielded {'more than ' if got > expected else ''}"
+            f"{expected if got > expected else got} examples but its dataset has {expected}; "
+            "score columns follow the dataset, so use drop_last=False and a sampler that "
+            "visits every example once"
+        )
 
 
 def _check_finite_weights(model: nn.Module, space: ParamSpace) -> None:
@@ -339,6 +394,12 @@ class _ScoreSink:
             self.mm[:, col : col + block.shape[1]] = block.numpy()
         else:
             self.dense[:, col : col + block.shape[1]] = block
+
+    def abort(self) -> None:
+        """Drop a half-written ``.npy`` so that nothing partial is left on disk."""
+        if self.top_k is None and self.out is not None:
+            del self.mm
+            self.tmp.unlink(missing_ok=True)
 
     def result(self):
         if self.top_k is not None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.data import DataLoader, RandomSampler
 
 from unlearn.tasks import Task
@@ -110,6 +110,18 @@ def check_loader(loader: DataLoader, what: str, ordered: bool = True) -> None:
         raise ValueError(f"{what} is empty: its dataset has no examples")
 
 
+def check_finite_batch(batch: Any) -> None:
+    """Raise a ValueError if any floating tensor of a batch holds NaN or inf."""
+    leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, Tensor) and t.is_floating_point()]
+    for i, t in enumerate(leaves):
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(
+                f"a batch holds NaN or inf: {bad} non-finite value(s) in its floating tensor "
+                f"#{i} of shape {tuple(t.shape)}; clean the data before computing influence"
+            )
+
+
 def _single(x: Any) -> Any:
     return tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, x)
 
@@ -128,7 +140,9 @@ def per_sample_grads(
     ``targets`` replaces the batch's own targets (sampled labels for the true Fisher);
     ``query=True`` differentiates ``task.query_loss`` instead of the training loss.
     """
-    inputs, batch_targets = task.split_batch(to_model(batch, model))
+    batch = to_model(batch, model)
+    check_finite_batch(batch)
+    inputs, batch_targets = task.split_batch(batch)
     if targets is None:
         targets = batch_targets
     params = space.params(model)
@@ -194,8 +208,10 @@ def curvature_product(
         V = vectors.unsqueeze(0) if squeeze else vectors
         out = torch.zeros_like(V)
         tangents = space.unflatten(V)
-        for batch in loader:
-            inputs, targets = task.split_batch(to_model(batch, model))
+        for raw in loader:
+            batch = to_model(raw, model)
+            check_finite_batch(batch)
+            inputs, targets = task.split_batch(batch)
             if mode == "hessian":
 
                 def total_loss(p: dict[str, Tensor], inputs: Any = inputs, y: Tensor = targets):
