@@ -108,9 +108,11 @@ class InfluenceEstimator:
     def fit(self, train_loader: DataLoader) -> InfluenceEstimator:
         """Fit on the data the model was trained on; records ``n_train`` for the 1/n scale."""
         check_loader(train_loader, "train_loader", ordered=False)
-        self.n_train = len(train_loader.dataset)  # type: ignore[arg-type]
+        n_train = len(train_loader.dataset)  # type: ignore[arg-type]
+        self.n_train = None  # a failed fit must not leave the estimator looking fitted
         self.model.eval()
         self._fit(train_loader)
+        self.n_train = n_train
         return self
 
     def inverse_hvp(self, vector: Tensor | dict[str, Tensor]) -> Tensor | dict[str, Tensor]:

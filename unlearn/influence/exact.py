@@ -55,7 +55,7 @@ class ExactInfluence(InfluenceEstimator):
         cols = [product(eye[s : s + self.block_size])
                 for s in self._bar(range(0, P, self.block_size), "curvature",
                                    total=-(-P // self.block_size))]
-        H = torch.cat(cols).double()
+        H = torch.cat(cols).detach().double()
         H = 0.5 * (H + H.T)
         evals, evecs = torch.linalg.eigh(H)
         self.factors = {"eigenvalues": evals.to(dtype), "eigenvectors": evecs.to(dtype)}
