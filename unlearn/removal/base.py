@@ -124,6 +124,8 @@ def _check_disjoint(task: Task, forget: DataLoader, retain: DataLoader) -> None:
 def _check_task_matches(task: Task, model: nn.Module, loader: DataLoader) -> None:
     """One forward pass on a forget batch: a model/task mismatch fails here, clearly."""
     batch = to_model(next(iter(loader)), model)
+    was_training = model.training
+    model.eval()  # train mode would update BatchNorm statistics of the caller's model
     try:
         with torch.no_grad():
             losses: Tensor = task.loss(model, batch)
@@ -132,6 +134,8 @@ def _check_task_matches(task: Task, model: nn.Module, loader: DataLoader) -> Non
             f"{type(task).__name__} cannot compute a loss for this model's outputs on the forget "
             f"data ({type(err).__name__}: {err}); is it the task the model was trained with?"
         ) from err
+    finally:
+        model.train(was_training)
     if losses.dim() != 1 or not torch.isfinite(losses).all():
         raise ValueError(f"{type(task).__name__} gave per-sample losses of shape "
                          f"{tuple(losses.shape)} with non-finite values on the forget data")
