@@ -15,6 +15,10 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from unlearn.ledger import Ledger
 
 __all__ = ["main", "build_parser", "UserError"]
 
@@ -120,9 +124,185 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- request, ledger
+
+
+def id_list(text: str) -> list[int]:
+    """``"1,2,3"`` -> ``[1, 2, 3]``."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integer ids such as 1,2,3, got {text!r}") from None
+
+
+def _add_request(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "request", help="record a deletion request in a ledger",
+        description="Record a request to forget some training samples. Submitting the same "
+        "request twice (same --key, or without a key the same requester, ids and reason) "
+        "records it once. The ledger file is created if missing.")
+    p.add_argument("--ledger", required=True, metavar="PATH",
+                   help="ledger file (or sqlite:///PATH; other database URLs need SQLAlchemy)")
+    ids = p.add_mutually_exclusive_group(required=True)
+    ids.add_argument("--ids", type=id_list, metavar="1,2,3", help="sample ids to forget")
+    ids.add_argument("--ids-file", type=Path, metavar="FILE.json",
+                     help="JSON list of ids, or an object with 'ids' and optionally "
+                     "'requester', 'reason', 'key' (flags take precedence)")
+    p.add_argument("--requester", metavar="NAME", help="who asked")
+    p.add_argument("--reason", metavar="TEXT", help="why")
+    p.add_argument("--key", metavar="KEY", help="idempotency key")
+    p.add_argument("--known-ids", type=Path, metavar="FILE.json",
+                   help="JSON list of every training id; unknown ids are refused")
+    p.add_argument("--json", action="store_true", help="print the request as JSON")
+    p.set_defaults(func=_run_request)
+
+
+def _request_fields(args: argparse.Namespace) -> dict:
+    from unlearn.ledger import RequestFileError, load_request_file
+
+    fields: dict = {"ids": args.ids}
+    if args.ids_file is not None:
+        try:
+            fields = load_request_file(args.ids_file)
+        except RequestFileError as err:
+            raise UserError(str(err)) from err
+    for name in ("requester", "reason", "key"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    for name in ("requester", "reason"):
+        if name not in fields:
+            raise UserError(f"--{name} is required (or a {name!r} field in the request file)")
+    return fields
+
+
+def _known_ids(path: Path | None) -> set[int] | None:
+    if path is None:
+        return None
+    from unlearn.ledger import RequestFileError, load_request_file
+
+    try:
+        return set(load_request_file(path)["ids"])
+    except RequestFileError as err:
+        raise UserError(f"--known-ids: {err}") from err
+
+
+def _run_request(args: argparse.Namespace) -> int:
+    import json
+
+    from unlearn.ledger import Ledger, LedgerError
+
+    fields = _request_fields(args)
+    known = _known_ids(args.known_ids)
+    try:
+        with Ledger(args.ledger) as ledger:
+            req, created = ledger.submit_once(
+                fields["ids"], requester=fields["requester"], reason=fields["reason"],
+                key=fields.get("key"), known_ids=known)
+    except (LedgerError, ValueError, KeyError) as err:  # KeyError: unlearn.data.UnknownIdError
+        raise UserError(str(err)) from err
+    if args.json:
+        print(json.dumps({**req.to_dict(), "created": created}, indent=2))
+    elif created:
+        print(f"request {req.id}: {req.state}, {len(req.ids)} ids from {req.requester!r}")
+    else:
+        print(f"request {req.id} was already recorded ({req.state}); nothing added")
+    return 0
+
+
+def _add_ledger(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ledger", help="list, show or verify the requests of a ledger",
+                       description="Read a deletion-request ledger (never changes it).")
+    actions = p.add_subparsers(dest="ledger_command", metavar="ACTION", required=True)
+    where = {"metavar": "PATH", "help": "ledger file (or database URL)"}
+    as_json = {"action": "store_true", "help": "print JSON"}
+    ls = actions.add_parser("list", help="one line per request")
+    ls.add_argument("path", **where)
+    ls.add_argument("--state", choices=("pending", "applying", "applied", "certified",
+                                        "rejected", "failed"), help="only requests in this state")
+    ls.add_argument("--requester", metavar="NAME", help="only this requester's requests")
+    ls.add_argument("--json", **as_json)
+    ls.set_defaults(func=_run_ledger_list)
+    show = actions.add_parser("show", help="a request and its events")
+    show.add_argument("path", **where)
+    show.add_argument("request_id", type=positive_int, metavar="REQUEST_ID")
+    show.add_argument("--json", **as_json)
+    show.set_defaults(func=_run_ledger_show)
+    ver = actions.add_parser("verify", help="check the hash chain and the tables (exit 1 if "
+                             "tampered)")
+    ver.add_argument("path", **where)
+    ver.add_argument("--models", type=Path, metavar="DIR",
+                     help="model store folder: also check each recorded version's file hash")
+    ver.add_argument("--anchor", metavar="HASH",
+                     help="a head hash printed by an earlier verify; it must still be there")
+    ver.add_argument("--json", **as_json)
+    ver.set_defaults(func=_run_ledger_verify)
+
+
+def _open_ledger(args: argparse.Namespace, models: Path | None = None) -> Ledger:
+    from unlearn.ledger import Ledger, LedgerError
+
+    if models is not None and not models.is_dir():
+        raise UserError(f"--models: no folder {str(models)!r}")
+    try:
+        return Ledger(args.path, readonly=True, create=False, models=models)
+    except LedgerError as err:
+        raise UserError(str(err)) from err
+
+
+def _run_ledger_list(args: argparse.Namespace) -> int:
+    import json
+
+    from unlearn.ledger.text import format_requests
+
+    with _open_ledger(args) as ledger:
+        reqs = ledger.list(state=args.state, requester=args.requester)
+    print(json.dumps([r.to_dict() for r in reqs], indent=2) if args.json
+          else format_requests(reqs))
+    return 0
+
+
+def _run_ledger_show(args: argparse.Namespace) -> int:
+    import json
+
+    from unlearn.ledger import RequestNotFoundError
+    from unlearn.ledger.text import format_request
+
+    with _open_ledger(args) as ledger:
+        try:
+            req, events = ledger.get(args.request_id), ledger.events(args.request_id)
+        except RequestNotFoundError as err:
+            raise UserError(str(err)) from err
+    if args.json:
+        print(json.dumps({"request": req.to_dict(), "events": [e.to_dict() for e in events]},
+                         indent=2))
+    else:
+        print(format_request(req, events))
+    return 0
+
+
+def _run_ledger_verify(args: argparse.Namespace) -> int:
+    import json
+
+    with _open_ledger(args, args.models) as ledger:
+        report = ledger.verify(check_models=args.models is not None, anchor=args.anchor)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    elif report.ok:
+        print(report)
+    else:
+        print(f"{PROG}: ledger verification failed at {report.problems[0]}", file=sys.stderr)
+        for problem in report.problems[1:10]:
+            print(f"  also: {problem}", file=sys.stderr)
+        if len(report.problems) > 10:
+            print(f"  ... {len(report.problems) - 10} more", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
 # ---------------------------------------------------------------------------- main
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_request,
+                                                                 _add_ledger]
 
 
 def build_parser() -> argparse.ArgumentParser:
