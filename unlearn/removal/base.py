@@ -99,6 +99,8 @@ def _check_nonempty(loader: Any, what: str) -> None:
 
 
 def _ids_of(task: Task, loader: DataLoader) -> set[int] | None:
+    if isinstance(loader.dataset, IndexedDataset):  # fast path: no pass over the data
+        return set(loader.dataset.ids.tolist())
     ids: set[int] = set()
     for batch in loader:
         b = task.batch_ids(batch)

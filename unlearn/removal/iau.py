@@ -49,6 +49,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
+from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
 from unlearn.influence.base import InfluenceEstimator
@@ -342,7 +343,7 @@ def _ggn_rayleigh(model: nn.Module, task: Task, raws: list[Any], space: ParamSpa
     params = space.params(model)
     tangent = space.unflatten(v.to(_dtype(params)))
     total, count = 0.0, 0
-    for raw in raws:
+    for raw in _concat(raws):
         inputs, targets = task.split_batch(to_model(raw, model))
 
         def outputs(p: dict[str, Tensor], inputs: Any = inputs) -> Tensor:
@@ -362,6 +363,17 @@ def _ggn_rayleigh(model: nn.Module, task: Task, raws: list[Any], space: ParamSpa
             f"data, is {r}; the step size cannot be set from it (NaN/inf in the retain data?); "
             "pass lr= (or an estimator=) instead")
     return r
+
+
+def _concat(batches: list[Any]) -> list[Any]:
+    """The batches joined into one (fewer, larger products), or unchanged if their leaves are
+    not all tensors of matching structure."""
+    if len(batches) < 2:
+        return batches
+    try:
+        return [tree_map(lambda *xs: torch.cat(xs), batches[0], *batches[1:])]
+    except (TypeError, ValueError, RuntimeError):
+        return batches
 
 
 def _dtype(params: dict[str, Tensor]) -> torch.dtype:
