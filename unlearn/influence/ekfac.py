@@ -170,8 +170,15 @@ class KFACInfluence(InfluenceEstimator):
                     stats[layer.name].calls += len(capture.records[layer.name])
                 accumulate(acts, directions, stats)
                 n += size
+        n = self._reduce_stats(stats, n)
         if n == 0:
             raise ValueError("train_loader yielded no examples")
+        return n
+
+    def _reduce_stats(self, stats: dict[str, _Stats], n: int) -> int:
+        """Hook for fitting across processes (:mod:`unlearn.influence.distributed` replaces it
+        on the instance): combine this process's partial sums in ``stats`` with the other
+        processes' and return the total number of examples. Here: the identity."""
         return n
 
     def _batch(self, batch: Any, gen: torch.Generator,

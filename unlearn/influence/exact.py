@@ -55,10 +55,16 @@ class ExactInfluence(InfluenceEstimator):
         cols = [product(eye[s : s + self.block_size])
                 for s in self._bar(range(0, P, self.block_size), "curvature",
                                    total=-(-P // self.block_size))]
-        H = torch.cat(cols).detach().double()
+        H = self._reduce_curvature(torch.cat(cols).detach().double(), len(train_loader.dataset))
         H = 0.5 * (H + H.T)
         evals, evecs = torch.linalg.eigh(H)
         self.factors = {"eigenvalues": evals.to(dtype), "eigenvectors": evecs.to(dtype)}
+
+    def _reduce_curvature(self, H: Tensor, n: int) -> Tensor:
+        """Hook for fitting across processes (:mod:`unlearn.influence.distributed` replaces it
+        on the instance): ``H`` is the mean curvature over this process's ``n`` examples;
+        return the mean over all processes' examples. Here: the identity."""
+        return H
 
     def _precondition(self, G: Tensor) -> Tensor:
         evals = self.factors["eigenvalues"]

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from unlearn.data import IndexedDataset, split_by_ids
 from unlearn.influence.grads import to_model
@@ -99,7 +99,8 @@ def _check_nonempty(loader: Any, what: str) -> None:
 
 
 def _ids_of(task: Task, loader: DataLoader) -> set[int] | None:
-    if isinstance(loader.dataset, IndexedDataset):  # fast path: no pass over the data
+    visits_all = isinstance(loader.sampler, (SequentialSampler, RandomSampler))
+    if visits_all and isinstance(loader.dataset, IndexedDataset):  # no pass over the data
         return set(loader.dataset.ids.tolist())
     ids: set[int] = set()
     for batch in loader:
