@@ -22,6 +22,12 @@ _WHERE = {
     "GradientCosineInfluence": "gradient",
     "save_scores": "io",
     "load_scores": "io",
+    "fit_distributed": "distributed",
+    "scores_distributed": "distributed",
+    "tfidf_candidates": "candidates",
+    "knn_candidates": "candidates",
+    "layer_inputs": "candidates",
+    "scores_on_candidates": "candidates",
 }
 
 __all__ = sorted(_WHERE)
