@@ -1,4 +1,4 @@
-"""Tests for the ``unlearn`` command: the digits demo, --version and bad-argument errors."""
+"""Tests for the ``unlearn`` command: ``unlearn influence-demo``, --version, bad arguments."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ FILES = ("influence_grid.png", "influence_table.txt", "mislabel_curve.png", "sum
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
     out = tmp_path_factory.mktemp("demo")
-    code = main(["demo", "--out", str(out), "--fast", "--estimator", "exact", "--no-progress"])
+    code = main(["influence-demo", "--out", str(out), "--fast", "--estimator", "exact",
+                 "--no-progress"])
     return code, out
 
 
@@ -84,9 +85,9 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["demo", "--queries", "0"], "expected a positive integer, got '0'"),
-        (["demo", "--l2", "abc"], "expected a positive number, got 'abc'"),
-        (["demo", "--nope"], "unrecognized arguments: --nope"),
+        (["influence-demo", "--queries", "0"], "expected a positive integer, got '0'"),
+        (["influence-demo", "--l2", "abc"], "expected a positive number, got 'abc'"),
+        (["influence-demo", "--nope"], "unrecognized arguments: --nope"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
@@ -102,10 +103,13 @@ def test_bad_values_are_user_errors(tmp_path: Path, capsys: pytest.CaptureFixtur
     afile = tmp_path / "file.txt"
     afile.write_text("x")
     cases = [
-        (["demo", "--out", str(afile)], "is not a directory"),
-        (["demo", "--out", str(tmp_path), "--estimator", "magic"], "unknown estimator 'magic'"),
-        (["demo", "--out", str(tmp_path), "--flip", "0.7"], "flip fraction must be in"),
-        (["demo", "--out", str(tmp_path), "--queries", "500"], "queries must be between"),
+        (["influence-demo", "--out", str(afile)], "is not a directory"),
+        (["influence-demo", "--out", str(tmp_path), "--estimator", "magic"],
+         "unknown estimator 'magic'"),
+        (["influence-demo", "--out", str(tmp_path), "--flip", "0.7"],
+         "flip fraction must be in"),
+        (["influence-demo", "--out", str(tmp_path), "--queries", "500"],
+         "queries must be between"),
     ]
     for argv, message in cases:
         assert main(argv) == 2
@@ -138,7 +142,8 @@ def test_cli_help_lists_only_estimators_the_demo_runs() -> None:
 
 
 def test_console_script_reports_errors_without_traceback() -> None:
-    proc = subprocess.run([sys.executable, "-m", "unlearn.cli", "demo", "--top", "-3"],
+    proc = subprocess.run([sys.executable, "-m", "unlearn.cli", "influence-demo", "--top",
+                           "-3"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "expected a positive integer, got '-3'" in proc.stderr

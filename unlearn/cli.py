@@ -1,8 +1,9 @@
 """The ``unlearn`` command.
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that declares its arguments and
-sets ``func`` (a callable taking the parsed namespace and returning an exit status); later
-subcommands (``request``, ``process``, ``audit``, ``ledger``) are added to ``COMMANDS``.
+sets ``func`` (a callable taking the parsed namespace and returning an exit status):
+``demo`` (the unlearning demo), ``influence-demo``, ``request``, ``process``, ``audit`` and
+``ledger``, listed in ``COMMANDS``.
 User errors (bad values, missing files) are printed as ``unlearn: error: ...`` with exit
 status 2 and no traceback.
 """
@@ -80,6 +81,47 @@ def _estimator_names() -> list[str]:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
+        help="unlearning demo on scikit-learn digits: ledger, callbacks, removal, certificate",
+        description="Train a small MLP on scikit-learn's 8x8 digits with a Lightning Trainer "
+        "and unlearn's callbacks (training log, gradient restriction, unlearning with IAU, "
+        "certification), submit deletion requests to a ledger, apply them at the end of fit and "
+        "certify the result against models retrained without the data. Writes "
+        "certificate.json, report.html, ledger.db, models/ and summary.json into --out, "
+        "replacing those of an earlier run (the retrained references are cached in "
+        "--out/references and reused). The influence demo is 'unlearn influence-demo'.",
+    )
+    p.add_argument("--out", type=Path, default=Path("demo-output"),
+                   help="output directory (default: demo-output)")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="training epochs (default: 15, 8 with --fast)")
+    p.add_argument("--references", type=positive_int, default=3,
+                   help="retrained reference models, at least 3 (default: 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of split, requests and training")
+    p.add_argument("--fast", action="store_true",
+                   help="small version for tests: 600 train / 200 test images, 8 epochs")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from unlearn.unlearn_demo import FAST, DemoError, UnlearnDemoConfig, run_unlearn_demo
+
+    cfg = UnlearnDemoConfig(out=args.out, seed=args.seed, n_references=args.references,
+                            progress=not args.no_progress and sys.stderr.isatty())
+    if args.fast:
+        cfg = dataclasses.replace(cfg, **FAST)
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    try:
+        run_unlearn_demo(cfg)
+    except DemoError as err:
+        raise UserError(str(err)) from err
+    return 0
+
+
+def _add_influence_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "influence-demo",
         help="influence demo on scikit-learn digits (helpful/harmful images, mislabel search)",
         description="Train a logistic regression on scikit-learn's 8x8 digits, show the most "
         "helpful and harmful training images for a few test images, and find flipped labels "
@@ -104,10 +146,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="small version for tests: 600 train / 200 test images, no retraining "
                    "check")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=_run_demo)
+    p.set_defaults(func=_run_influence_demo)
 
 
-def _run_demo(args: argparse.Namespace) -> int:
+def _run_influence_demo(args: argparse.Namespace) -> int:
     from unlearn.demo import FAST, DemoConfig, DemoError, run_demo
 
     cfg = DemoConfig(
@@ -299,10 +341,194 @@ def _run_ledger_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+# ---------------------------------------------------------------------------- process, audit
+
+
+def _add_project_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ledger", required=True, metavar="PATH",
+                   help="ledger file (or database URL) holding the requests")
+    p.add_argument("--config", required=True, type=Path, metavar="FILE",
+                   help="project file (TOML, or JSON with a .json name) naming the factory "
+                   "'module:function' that returns (model, train, test, task); see "
+                   "unlearn.project")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_process(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "process", help="apply a ledger's pending deletion requests to your model",
+        description="Load the ledger's newest model version (or, for a ledger without one, "
+        "the project's checkpoint, registered as version 1), reject requests naming ids "
+        "outside the training set, remove the others' data with the project's method and "
+        "commit the new weights as a new version (crash-safe).")
+    _add_project_args(p)
+    p.set_defaults(func=_run_process)
+
+
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "audit", help="certify the newest model against retraining without the forgotten data",
+        description="Retrain reference models (at least 3 seeds, cached) on the training set "
+        "minus every forgotten id, compare the ledger's newest model with them, write "
+        "certificate.json and report.html, and move applied requests to 'certified' when the "
+        "certificate passes. Exit status 0: pass, 1: fail, 2: error.")
+    _add_project_args(p)
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="where the certificate and report go (default: the project's 'out', "
+                   "else 'audit' next to the ledger)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_run_audit)
+
+
+def _project(args: argparse.Namespace) -> tuple:
+    from unlearn.project import ProjectError, load_config, load_project
+
+    try:
+        cfg = load_config(args.config)
+        return cfg, load_project(cfg)
+    except ProjectError as err:
+        raise UserError(str(err)) from err
+
+
+def _beside_ledger(args: argparse.Namespace, name: str) -> Path:
+    """A folder next to the ledger file (a database URL: in the current directory)."""
+    if "://" in args.ledger and not args.ledger.startswith("sqlite:///"):
+        return Path(name)
+    return Path(args.ledger.removeprefix("sqlite:///")).resolve().parent / name
+
+
+def _project_ledger(args: argparse.Namespace, cfg: object) -> Ledger:
+    from unlearn.ledger import Ledger, LedgerError
+
+    models = cfg.models or _beside_ledger(args, "models")  # type: ignore[attr-defined]
+    try:
+        return Ledger(args.ledger, models=models, create=False)
+    except LedgerError as err:
+        raise UserError(str(err)) from err
+
+
+def _load_weights(model: object, state: dict, where: str) -> None:
+    try:
+        model.load_state_dict(state)  # type: ignore[attr-defined]
+    except (RuntimeError, KeyError, TypeError) as err:
+        raise UserError(f"{where} does not fit the factory's model: {err}") from err
+
+
+def _checkpoint_state(path: Path | None) -> dict:
+    import torch
+
+    if path is None:
+        raise UserError("the ledger has no model version yet and the project file names no "
+                        "'checkpoint' (the trained weights to start from)")
+    if not path.is_file():
+        raise UserError(f"missing checkpoint: no file {str(path)!r}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read the checkpoint {str(path)!r}: {err}") from err
+    if isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict):
+        blob = blob["state_dict"]  # a Lightning checkpoint
+    if not isinstance(blob, dict):
+        raise UserError(f"the checkpoint {str(path)!r} holds a {type(blob).__name__}, not a "
+                        "state_dict")
+    return blob
+
+
+def _head_model(ledger: Ledger, project: object, cfg: object, register: bool) -> int:
+    """Load the ledger's head version into the project's model (registering the checkpoint
+    as the first version when ``register`` and there is none); returns the version."""
+    from unlearn.ledger import LedgerError
+
+    try:
+        head = ledger.head()
+        if head is None:
+            if not register:
+                raise UserError("the ledger records no model version: run 'unlearn process' "
+                                "first")
+            state = _checkpoint_state(cfg.checkpoint)  # type: ignore[attr-defined]
+            _load_weights(project.model, state, "the checkpoint")  # type: ignore
+            return ledger.register_model(project.model.state_dict(),  # type: ignore
+                                         meta={"source": "unlearn process",
+                                               "checkpoint": str(cfg.checkpoint)})  # type: ignore
+        _load_weights(project.model, ledger.load_model(head), f"model version {head}")  # type: ignore
+        return head
+    except LedgerError as err:
+        raise UserError(str(err)) from err
+
+
+def _run_process(args: argparse.Namespace) -> int:
+    import json
+
+    from unlearn.ledger import LedgerError
+    from unlearn.lightning import UnlearningCallback
+    from unlearn.project import ProjectError, make_method
+
+    cfg, project = _project(args)
+    with _project_ledger(args, cfg) as ledger:
+        _head_model(ledger, project, cfg, register=True)
+        try:
+            method = make_method(cfg, project.task)
+            cb = UnlearningCallback(ledger, method, train_dataset=project.train, when="manual",
+                                    batch_size=cfg.batch_size)
+            report = cb.process_now(None, project.model)
+        except (ProjectError, LedgerError) as err:
+            raise UserError(str(err)) from err
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    if not report.applied and not report.rejected:
+        print("no pending requests: nothing to do")
+    for rid, reason in report.rejected.items():
+        print(f"request {rid}: rejected ({reason})")
+    if report.applied:
+        print(f"requests {report.applied}: applied with {type(method).__name__}, "
+              f"{report.n_forget} samples forgotten, model version {report.model_version} "
+              f"({report.seconds:.2f} s)")
+    return 0
+
+
+def _run_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from baselines.retrain import Retrain
+    from unlearn.ledger import LedgerError
+    from unlearn.lightning.certification import CertificationCallback
+    from unlearn.project import ProjectError, make_recipe
+
+    cfg, project = _project(args)
+    out = args.out or cfg.out or _beside_ledger(args, "audit")
+    with _project_ledger(args, cfg) as ledger:
+        _head_model(ledger, project, cfg, register=False)
+        try:
+            reference = Retrain(project.task, project.model_factory, recipe=make_recipe(cfg))
+            cb = CertificationCallback(
+                ledger, reference, train_dataset=project.train, test_dataset=project.test,
+                out_dir=out, cache_dir=cfg.cache_dir or _beside_ledger(args, "references"),
+                n_references=cfg.n_references, k=cfg.k,
+                task=project.task, batch_size=cfg.batch_size,
+                progress=not args.no_progress and sys.stderr.isatty())
+            cert = cb.certify_now(None, project.model)
+        except (ProjectError, LedgerError, ValueError) as err:
+            raise UserError(str(err)) from err
+    record = cb.history[-1]
+    if args.json:
+        print(json.dumps({"passed": cert.passed, "failed_checks": cert.failed,
+                          "certificate": record.certificate, "report": record.report,
+                          "certified": record.certified, "retrained": record.retrained},
+                         indent=2))
+    else:
+        print(cert.summary())
+        state = (f"requests {record.certified} certified" if record.certified
+                 else "no request moved to certified")
+        print(f"{state}; wrote {record.certificate} and {record.report} "
+              f"({record.retrained} references retrained, the others from the cache)")
+    return 0 if cert.passed else 1
+
+
 # ---------------------------------------------------------------------------- main
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_request,
-                                                                 _add_ledger]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_demo, _add_influence_demo, _add_request, _add_process, _add_audit, _add_ledger]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""The influence demo on scikit-learn's 8x8 digits (what ``unlearn demo`` / ``make demo`` run).
+"""The influence demo on scikit-learn's 8x8 digits (``unlearn influence-demo``).
 
 Steps, all deterministic for a given seed:
 
@@ -42,7 +42,7 @@ __all__ = ["DemoConfig", "FAST", "run_demo", "estimator_names", "available_estim
 
 NUM_CLASSES = 10
 BATCH = 256
-#: the settings of ``unlearn demo --fast``: a smaller split and no retraining check
+#: the settings of ``unlearn influence-demo --fast``: a smaller split and no retraining check
 FAST = {"n_train": 600, "n_test": 200, "retrain_check": False}
 #: estimators the demo cannot build from (model, task, damping) alone, and why
 _NOT_IN_DEMO = {
@@ -108,7 +108,7 @@ def resolve_estimator(name: str) -> type[InfluenceEstimator]:
 @dataclass
 class DemoConfig:
     """Settings of the demo; ``dataclasses.replace(cfg, **FAST)`` gives the small version
-    behind ``unlearn demo --fast``."""
+    behind ``unlearn influence-demo --fast``."""
 
     out: Path
     estimator: str = "ekfac"
