@@ -142,6 +142,68 @@ def test_retain_correction_lowers_retain_loss_and_reports_batches(digits):
     assert d["forget_step_norm"] == pytest.approx(no_fix.details["forget_step_norm"])
 
 
+def test_absurd_forget_step_is_halved_instead_of_collapsing_the_model(digits):
+    """step_scale=1e4: unguarded, the forget step leaves the model at chance on the retained
+    digits; the guard halves it until the retained loss rises by at most max_forget_rise."""
+    model = digits["model"]
+    unguarded = run(IAU(TASK, step_scale=1e4, max_forget_rise=None, retain_steps=0), digits)
+    assert accuracy(unguarded.model, digits["retain"]) < 0.3
+    guarded = run(IAU(TASK, step_scale=1e4, retain_steps=0), digits)
+    g = guarded.details["forget_guard"]
+    assert g["halvings"] >= 3 and g["step_factor"] == 0.5 ** g["halvings"] and g["rise_ok"]
+    assert g["retain_loss_after"] - g["retain_loss_before"] <= 2.0
+    step = flat(guarded.model) - flat(model)
+    assert torch.allclose(step, g["step_factor"] * (flat(unguarded.model) - flat(model)),
+                          rtol=1e-4, atol=1e-6)
+    full = run(IAU(TASK, step_scale=1e4), digits)
+    assert accuracy(full.model, digits["retain"]) > accuracy(model, digits["retain"]) - 0.03
+    assert mean_loss(full.model, digits["forget"]) > mean_loss(model, digits["forget"])
+
+
+def test_correction_backtracks_instead_of_diverging(digits):
+    """retain_lr=50 is far past 2/curvature: fixed-step SGD diverges (the failure measured on an
+    Adam-trained LeNet at lr 0.2); each step is halved until the Armijo test passes."""
+    model = digits["model"]
+    after_forget = run(IAU(TASK, retain_lr=50.0, retain_steps=0), digits).model
+    result = run(IAU(TASK, retain_lr=50.0), digits)
+    lrs = result.details["retain_step_lrs"]
+    assert len(lrs) == 5 and all(0 < lr < 50.0 for lr in lrs)
+    assert result.details["retain_halvings"] >= 5 * 6  # 50 -> below 1 takes 6 halvings
+    assert mean_loss(result.model, digits["retain"]) < mean_loss(after_forget, digits["retain"])
+    assert accuracy(result.model, digits["retain"]) > accuracy(model, digits["retain"]) - 0.03
+
+    # the first step by hand: from the forget step, on the first retain batch
+    one = run(IAU(TASK, retain_lr=50.0, retain_steps=1), digits)
+    lr = one.details["retain_step_lrs"][0]
+    _, x, y = next(iter(digits["retain_loader"]))
+    params = list(after_forget.parameters())
+    loss_t = TASK.per_sample_loss(after_forget(x), y).mean()
+    g = torch.cat([d.reshape(-1) for d in torch.autograd.grad(loss_t, params)])
+    loss = float(loss_t.detach())
+    assert torch.allclose(flat(one.model), flat(after_forget) - lr * g, atol=1e-6)
+
+    def loss_after(step: float) -> float:
+        clone = copy.deepcopy(after_forget)
+        torch.nn.utils.vector_to_parameters(flat(after_forget) - step * g, clone.parameters())
+        with torch.no_grad():
+            return float(TASK.per_sample_loss(clone(x), y).mean())
+
+    sq = float(g @ g)
+    assert loss_after(lr) <= loss - 0.5 * lr * sq + 1e-6  # accepted: Armijo, c = 0.5
+    assert loss_after(2 * lr) > loss - 0.5 * 2 * lr * sq  # the step before it failed
+
+
+def test_default_keeps_the_fixed_steps_where_they_are_safe(digits):
+    """On the SGD-trained MLP neither safeguard fires: the forget step is not halved and every
+    correction step is taken at retain_lr, as with fixed steps."""
+    result = run(IAU(TASK), digits)
+    d = result.details
+    assert d["forget_guard"]["halvings"] == 0 and d["forget_guard"]["step_factor"] == 1.0
+    assert d["retain_step_lrs"] == [0.2] * 5 and d["retain_halvings"] == 0
+    plain = run(IAU(TASK, max_forget_rise=None, armijo=0.0), digits)
+    assert torch.allclose(flat(result.model), flat(plain.model))
+
+
 def test_faithful_mode_is_one_fresh_adam_step(digits):
     """Adam's first step is −lr·g/(|g|+eps) with g = ∇ mean_R ℓ − ∇ mean_F ℓ: about lr·sign."""
     model, lr = digits["model"], 2e-3
@@ -257,6 +319,12 @@ def test_bad_arguments():
         IAU(TASK, retain_batches=0)
     with pytest.raises(ValueError, match="n_train"):
         IAU(TASK, n_train=1)
+    with pytest.raises(ValueError, match="armijo"):
+        IAU(TASK, armijo=1.0)
+    with pytest.raises(ValueError, match="max_halvings"):
+        IAU(TASK, max_halvings=-1)
+    with pytest.raises(ValueError, match="max_forget_rise"):
+        IAU(TASK, max_forget_rise=0.0)
     with pytest.raises(TypeError, match="Task"):
         IAU("classification")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="InfluenceEstimator"):
