@@ -230,3 +230,23 @@ def test_newer_ledger_schema_is_refused(project: Path, tmp_path: Path,
                              str(project / "unlearn.toml")], capsys)
         assert code == 2 and "schema version 99" in err and "upgrade unlearn" in err, err
     assert db.read_bytes() == before
+
+
+def test_process_with_newton(project: Path, tmp_path: Path,
+                             capsys: pytest.CaptureFixture) -> None:
+    """`method = "newton"` fits its estimator on the retained data (a file holds none)."""
+    cfg = _write_config(project, CONFIG.replace('method = "iau"', 'method = "newton"')
+                        .replace("method_options = { step_scale = 10.0 }",
+                                 'method_options = { estimator = "ekfac", damping = 0.01 }'),
+                        "newton.toml")
+    db = str(tmp_path / "ledger.db")
+    assert _cli(["request", "--ledger", db, "--ids", "5,6,7", "--requester", "ann",
+                 "--reason", "gdpr"], capsys)[0] == 0
+    code, out, err = _cli(["process", "--ledger", db, "--config", cfg], capsys)
+    assert code == 0, err
+    assert "applied with NewtonRemoval" in out
+    bad = _write_config(project, CONFIG.replace('method = "iau"', 'method = "newton"')
+                        .replace("method_options = { step_scale = 10.0 }",
+                                 'method_options = { estimator = "nope" }'), "bad.toml")
+    code, _, err = _cli(["process", "--ledger", db, "--config", bad], capsys)
+    assert code == 2 and "unknown estimator 'nope'" in err

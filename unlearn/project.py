@@ -183,11 +183,29 @@ def make_method(cfg: ProjectConfig, task: Any) -> Any:
     from unlearn.removal import IAU, NewtonRemoval
 
     cls = {"iau": IAU, "newton": NewtonRemoval}[cfg.method]
+    options = dict(cfg.method_options)
+    if cfg.method == "newton":
+        # A project file cannot hold a fitted estimator: Newton fits one on the retained data
+        # at each removal, of the class named by `estimator` (default EK-FAC).
+        options = {"curvature": "retain", "damping": 1e-3, **options}
+        options["estimator_factory"] = _estimator_factory(options.pop("estimator", "ekfac"))
     try:
-        return cls(task, **cfg.method_options)
+        return cls(task, **options)
     except TypeError as err:
         raise ProjectError(f"{cfg.path}: method_options {cfg.method_options} do not fit "
                            f"{cls.__name__} ({err})") from None
+
+
+def _estimator_factory(name: str) -> Any:
+    import unlearn.influence as influence
+
+    classes = {n.removesuffix("Influence").lower(): n for n in influence.__all__
+               if n.endswith("Influence") and n != "InfluenceEstimator"}
+    if name.lower() not in classes:
+        raise ProjectError(f"unknown estimator {name!r} for method 'newton'; choose one of "
+                           f"{sorted(classes)}")
+    cls = getattr(influence, classes[name.lower()])
+    return lambda model, task, damping: cls(model, task, damping, progress=False)
 
 
 def make_recipe(cfg: ProjectConfig) -> Any:
