@@ -236,9 +236,41 @@ def test_html_report(setup, tmp_path):
         assert f"<code>{c.name}</code>" in html
     assert html.count('class="fail">FAIL') == len(cert.failed) > 0
     assert "verdict fail" in html
+    assert re.findall(r"<td class='state'>([^<]+)</td>", html) == ["certified", "applied"]
     # without a ledger or timings: no timeline figure, and says so
     plain = setup["orig"].render_html(tmp_path / "plain.html").read_text()
     assert len(_pngs(plain)) == 3 and "No ledger" in plain
+
+
+def _overlap(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+@pytest.mark.parametrize("retrain", [[22.6, 4.6, 6.1], [0.3, 0.25, 0.28]])
+def test_cost_figure_legend_covers_no_label(setup, retrain):
+    """The legend sits outside the axes and no value label overlaps it or a dot."""
+    from dataclasses import replace
+
+    from unlearn.audit.report import cost_figure
+
+    cert = replace(setup["orig"], cost={"removal_seconds": 0.181, "removal_method": "iau",
+                                        "retrain_seconds": retrain, "speedup": 2.0})
+    fig = cost_figure(cert)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    labels = [t for t in ax.texts if t.get_text().endswith(" s")]
+    assert len(labels) == 2
+    assert not _overlap(legend, ax.get_window_extent(renderer))
+    dots = ax.collections[-1].get_offsets()
+    dot_px = ax.transData.transform(np.asarray(dots, dtype=float))
+    for t in labels:
+        box = t.get_window_extent(renderer)
+        assert not _overlap(box, legend), t.get_text()
+        assert box.x1 <= ax.get_window_extent(renderer).x1, t.get_text()  # inside the axes
+        assert all(not (box.x0 - 3 < x < box.x1 + 3 and box.y0 < y < box.y1)
+                   for x, y in dot_px), t.get_text()
 
 
 def test_lira_matches_brute_force(setup):

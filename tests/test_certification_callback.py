@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -90,6 +91,15 @@ def test_listener_certifies_the_applied_requests(run: dict) -> None:
     html = Path(rec.report).read_text()
     assert "data:image/png;base64," in html
     assert [t["request_id"] for t in cert.timeline] == [1, 2]
+    # the files are written after the ledger update: their timeline ends in 'certified'
+    for t in cert.timeline:
+        assert t["state"] == "certified"
+        assert [e["kind"] for e in t["events"]][-2:] == ["applied", "certified"]
+    assert cb.last.timeline == cert.timeline
+    states = re.findall(r"<td class='state'>([^<]+)</td>", html)
+    assert states == ["certified", "certified"]
+    assert "applied → certified" in html
+    assert not list(Path(rec.report).parent.glob(".*.tmp"))  # no half-written file left
 
 
 def test_second_audit_reuses_the_cached_references(run: dict) -> None:

@@ -196,12 +196,15 @@ def cost_figure(cert: Certificate) -> Any | None:
     if secs:
         ax.scatter(secs, [len(values) - 1] * len(secs), color="black", s=14, zorder=3,
                    label="each retraining")
-        ax.legend(fontsize=8, loc="upper right")
+        # outside the axes, right of the plot: it cannot cover a bar, a dot or a label
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     from matplotlib.ticker import NullFormatter
 
     for i, v in enumerate(values):
         right = max([v] + (secs if i == len(values) - 1 and secs else []))
-        ax.text(right * 1.03, i, f"{v:.3g} s", va="center", fontsize=9)
+        # a fixed offset in points past the bar's (or its rightmost dot's) end, on any scale
+        ax.annotate(f"{v:.3g} s", (right, i), xytext=(6, 0), textcoords="offset points",
+                    va="center", fontsize=9)
     ax.set_yticks(range(len(values)))
     ax.set_yticklabels(labels, fontsize=9)
     lo, hi = min(values + secs), max(values + secs)
@@ -271,6 +274,17 @@ def _kv_table(data: dict[str, Any]) -> str:
     return f'<table class="kv">{rows}</table>'
 
 
+def _timeline_table(cert: Certificate) -> str:
+    """The requests' current states and their events, as text under the timeline figure."""
+    head = "<tr><th>request</th><th>requester</th><th>ids</th><th>state</th><th>events</th></tr>"
+    rows = "".join(
+        f"<tr><td>#{_num(r['request_id'])}</td><td>{_num(r['requester'])}</td>"
+        f"<td>{_num(r['n_ids'])}</td><td class='state'>{_num(r['state'])}</td>"
+        f"<td>{' → '.join(html.escape(str(e['kind'])) for e in r['events'])}</td></tr>"
+        for r in cert.timeline)
+    return f'<table class="timeline">{head}{rows}</table>'
+
+
 def _img(b64: str, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
 
@@ -338,6 +352,8 @@ def render_html(cert: Certificate, path: str | os.PathLike[str]) -> Path:
     parts.append("<h2>Request timeline</h2>")
     parts.append(_img(figs["timeline"], "request timeline") if "timeline" in figs
                  else "<p class='muted'>No ledger was given to the audit.</p>")
+    if cert.timeline:
+        parts.append(_timeline_table(cert))
     parts.append("<p class='muted'>Passing means these tests cannot tell the model from "
                  "retraining at this number of references; only an (ε, δ) section is a formal "
                  "guarantee.</p></body></html>")

@@ -26,7 +26,9 @@ architecture), so auditing the same state again retrains nothing.
 Outcome: ``certificate.json`` and ``report.html`` in ``out_dir`` (also kept per round as
 ``certificate-v<model version>.json``). When the certificate passes, the requests move
 ``applied -> certified`` with the verdict, the failed checks (none), the file and the model
-version in the event's details. When it fails they stay ``applied``: the ledger's state
+version in the event's details; ``certificate.json`` is written first (the event names it), and
+after the ledger update both files are written (atomically) with a timeline that ends in the
+``certified`` events. When it fails they stay ``applied``: the ledger's state
 machine has no "certification failed" state, so the failure is recorded in the certificate
 file, in :attr:`CertificationCallback.history` and in the returned
 :class:`CertificationRecord`, and a later round (or a retry after a better removal) can still
@@ -48,7 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from baselines.retrain import Recipe, Retrain
-from unlearn.audit.certificate import MIN_REFERENCES, Certificate, certify
+from unlearn.audit.certificate import MIN_REFERENCES, Certificate, _timeline, certify
 from unlearn.data import IndexedDataset
 from unlearn.ledger import Ledger
 from unlearn.lightning._common import detached_copy
@@ -178,8 +180,11 @@ class CertificationCallback(pl.Callback):
                        original=self._original(model, version), n_references=self.n_references,
                        cache_dir=self.cache_dir, removal=removal, k=self.k, floors=self.floors,
                        ledger=ledger, request_ids=ids, progress=self.progress)
-        paths = self._write(cert, version)
+        paths = self._write(cert, version, html=False)  # the file the ledger event names
         certified = self._record(cert, ids, paths, version)
+        if certified:  # the timeline now ends in the 'certified' events: write it again
+            cert.timeline = _timeline(ledger, ids, None)
+        paths = self._write(cert, version, html=self.html)
         record = CertificationRecord(
             request_ids=ids, passed=cert.passed, failed_checks=cert.failed,
             certificate=str(paths[0]), report=None if paths[1] is None else str(paths[1]),
@@ -241,13 +246,16 @@ class CertificationCallback(pl.Callback):
                     method = method or details.get("method")
         return RemovalResult(model, seconds, {"method": method}) if method else None
 
-    def _write(self, cert: Certificate, version: int | None) -> tuple[Path, Path | None]:
+    def _write(self, cert: Certificate, version: int | None, *, html: bool
+               ) -> tuple[Path, Path | None]:
+        """Write ``certificate.json`` (+ the per-version copy) and, with ``html``, the report;
+        each file atomically (temporary file, then rename)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / "certificate.json"
         cert.to_json(path)
         if version is not None:
             cert.to_json(self.out_dir / f"certificate-v{version}.json")
-        report = cert.render_html(self.out_dir / "report.html") if self.html else None
+        report = cert.render_html(self.out_dir / "report.html") if html else None
         return path, report
 
     def _record(self, cert: Certificate, ids: list[int], paths: tuple[Path, Path | None],
