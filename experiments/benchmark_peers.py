@@ -1,0 +1,591 @@
+"""Side-by-side benchmark: our influence estimators against kronfluence 1.0.1 and dattri 0.3.0
+on MNIST (5,000 train / 500 query; logistic regression and MLP 784-128-10), with the same
+trained weights and damping for everyone.
+
+Each (method, repetition) runs in a fresh subprocess so peak resident memory
+(``ru_maxrss``) is its own; ours and the peers are interleaved within each repetition. LDS
+uses the retraining losses cached by ``experiments/influence_truth.py`` (read only).
+
+    .venv/bin/python experiments/benchmark_peers.py --all            # everything
+    .venv/bin/python experiments/benchmark_peers.py --lr --reps 1    # reduced
+    .venv/bin/python experiments/benchmark_peers.py --flops --scaling --report
+
+Results: ``experiments/out/benchmark_<part>.json``; ``docs/results/benchmark.md`` is rebuilt
+from whatever JSON files exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+OUT = ROOT / "experiments" / "out"
+DOC = ROOT / "docs" / "results" / "benchmark.md"
+PARTS = ("lr", "mlp", "flops", "scaling", "profile")
+
+
+@dataclass
+class Method:
+    label: str
+    lib: str  # ours | kronfluence | dattri
+    name: str  # our class name, kronfluence strategy or dattri method
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    queries: int | None = None  # score only the first queries (matrix-free solvers)
+    note: str = ""
+
+
+def methods(model: str, damping: float, iq: int, skip_slow: bool) -> list[Method]:
+    """Every method for one model, ours and peers interleaved by family."""
+    d, ggn = damping, {"damping": damping, "curvature": "ggn"}
+    it_note = f"first {iq} queries"
+    m = [
+        Method("ours EK-FAC", "ours", "EKFACInfluence", {"damping": d}),
+        Method("kronfluence EK-FAC", "kronfluence", "ekfac"),
+        Method("ours K-FAC", "ours", "KFACInfluence", {"damping": d}),
+        Method("kronfluence K-FAC", "kronfluence", "kfac"),
+        Method("kronfluence diagonal", "kronfluence", "diagonal"),
+        Method("kronfluence identity", "kronfluence", "identity"),
+        Method("ours GradientDot", "ours", "GradientDotInfluence", {}),
+        Method("ours Arnoldi r=100", "ours", "ArnoldiInfluence", {**ggn, "rank": 100}),
+        Method("dattri Arnoldi r=100", "dattri", "arnoldi", {"arnoldi_rank": 100}),
+        Method("ours CG (GGN) 100 it", "ours", "CGInfluence",
+               {**ggn, "tol": 1e-4, "max_iter": 100}, iq, it_note + "; stops at tol 1e-4"),
+        Method("dattri CG 100 it", "dattri", "cg", {"max_iter": 100}, iq,
+               it_note + "; 100 iterations, no tolerance stop, under no_grad"),
+        Method("ours LiSSA (GGN)", "ours", "LiSSAInfluence",
+               {**ggn, "depth": 100, "batch_size": 500}, iq, it_note + "; depth 100, batch 500"),
+        Method("dattri LiSSA", "dattri", "lissa", {"lissa_depth": 100, "lissa_batch": 500}, iq,
+               it_note + "; depth 100, batch 500, scaling 50, under no_grad"),
+        Method("dattri TRAK", "dattri", "trak", {"proj_dim": 512}, None,
+               "1 checkpoint, projection 512"),
+    ]
+    if model == "lr":  # dattri's Arnoldi and LiSSA fail on float64 models
+        for x in m:
+            if x.lib == "dattri" and x.name in ("arnoldi", "lissa"):
+                x.kwargs["float32"] = True
+                x.note = "float32 copy of the model and data (float64 fails inside dattri)" + \
+                    ("; " + x.note if x.note else "")
+        m[0:0] = [Method("ours Exact (GGN)", "ours", "ExactInfluence", ggn),
+                  Method("dattri explicit", "dattri", "explicit")]
+        m.append(Method("dattri TracIn (1 ckpt = grad dot)", "dattri", "tracin",
+                        {"proj_dim": 512}, None, "final model only, projection 512"))
+    else:
+        m.append(Method("ours TracIn", "ours", "TracInInfluence", {}, None, "5 checkpoints"))
+        m.append(Method("dattri TracIn", "dattri", "tracin", {"proj_dim": 512}, None,
+                        "5 checkpoints, projection 512"))
+    if skip_slow:
+        m = [x for x in m if not (x.lib == "dattri" and x.name in ("cg", "lissa"))]
+    return m
+
+
+# ============================================================================ worker
+
+
+def rss_mb() -> float:
+    """Peak resident set of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(spec: dict[str, Any]) -> None:
+    """Run one method once and write fit/score seconds, peak RSS and the scores."""
+    torch.set_num_threads(spec["threads"])
+    import mnist_setup as ms
+
+    if spec["problem"].startswith("synthetic"):
+        prob = ms.synthetic_problem(spec["n_train"], spec.get("n_query", 100))
+    else:
+        prob = ms.load_problem(spec["problem"], spec["n_train"])
+    query = prob.query
+    if spec.get("queries"):
+        query = query.subset(query.ids[: spec["queries"]])
+    base_rss = current_rss_mb()
+    m = Method(**spec["method"])
+    if m.lib == "ours" and spec.get("profile"):
+        import cProfile
+        import io
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        fit_s, score_s, scores = run_ours(m, prob, query)
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(25)
+        text = "\n".join(line[:150] for line in buf.getvalue().splitlines()
+                         if line.strip() and not line.startswith("   Ordered"))
+        Path(spec["out"] + ".prof.txt").write_text(text)
+    elif m.lib == "ours":
+        fit_s, score_s, scores = run_ours(m, prob, query)
+    elif m.lib == "kronfluence":
+        from baselines.peers.kronfluence_adapter import kronfluence_scores
+
+        r = kronfluence_scores(prob.model, prob.task, prob.train, query, prob.damping, m.name,
+                               train_batch=prob.train_batch, query_batch=100, **m.kwargs)
+        fit_s, score_s, scores = r.fit_s, r.score_s, r.scores
+    else:
+        from baselines.peers.dattri_adapter import dattri_scores
+
+        kw = dict(m.kwargs)
+        if m.name == "tracin" and prob.name == "mlp":
+            ck = ms.tracin_checkpoints()
+            kw.update(checkpoints=ck["checkpoints"], learning_rates=ck["learning_rates"])
+        r = dattri_scores(prob.model, prob.task, prob.train, query, prob.damping, m.name, **kw)
+        fit_s, score_s, scores = r.fit_s, r.score_s, r.scores
+    np.savez(spec["out"], scores=scores.double().numpy(), fit_s=fit_s, score_s=score_s,
+             peak_rss_mb=rss_mb(), base_rss_mb=base_rss)
+
+
+def run_ours(m: Method, prob: Any, query: Any) -> tuple[float, float, torch.Tensor]:
+    from unlearn import influence
+
+    extra: dict[str, Any] = {}
+    if m.name == "TracInInfluence":
+        import mnist_setup as ms
+
+        extra = ms.tracin_checkpoints()
+    est = getattr(influence, m.name)(prob.model, prob.task, **m.kwargs, **extra, progress=False)
+    train_loader = DataLoader(prob.train, batch_size=prob.train_batch, shuffle=False)
+    query_loader = DataLoader(query, batch_size=100, shuffle=False)
+    t0 = time.perf_counter()
+    est.fit(train_loader)
+    t1 = time.perf_counter()
+    scores = est.scores(query_loader, train_loader)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, scores.detach().double().cpu()
+
+
+def spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run ``worker(spec)`` in a fresh interpreter; return its measurements or the error."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        spec = {**spec, "out": str(Path(tmp) / "r.npz")}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        except subprocess.TimeoutExpired:
+            return {"status": "timeout", "error": f"over {timeout:.0f}s", "wall_s": timeout}
+        wall = time.perf_counter() - t0
+        if p.returncode != 0 or not Path(spec["out"]).exists():
+            err = (p.stderr.strip().splitlines() or ["?"])[-1][:300]
+            return {"status": "failed", "error": err, "wall_s": wall}
+        with np.load(spec["out"]) as f:
+            return {"status": "ok", "scores": f["scores"], "fit_s": float(f["fit_s"]),
+                    "score_s": float(f["score_s"]), "peak_rss_mb": float(f["peak_rss_mb"]),
+                    "base_rss_mb": float(f["base_rss_mb"]), "wall_s": wall}
+
+
+# ============================================================================ parts
+
+
+def log(msg: str) -> None:
+    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def spread(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def part_model(name: str, a: argparse.Namespace) -> dict[str, Any]:
+    import mnist_setup as ms
+
+    from unlearn.influence.evaluate import lds_from_losses
+
+    prob = ms.load_problem(name)
+    if name == "mlp":
+        ms.tracin_checkpoints()  # cache them before the workers need them
+    todo = methods(name, prob.damping, a.iterative_queries, a.skip_slow)
+    if a.only:
+        todo = [m for m in todo if any(o.lower() in m.label.lower() for o in a.only)]
+    runs: dict[str, list[dict]] = {m.label: [] for m in todo}
+    for rep in range(a.reps):
+        for m in todo:
+            spec = {"problem": name, "n_train": 5000, "threads": a.threads,
+                    "queries": m.queries, "method": asdict(m)}
+            r = spawn(spec, a.timeout)
+            if r["status"] == "ok" and not np.isfinite(r["scores"]).all():
+                r.update(status="failed", error="scores contain NaN or inf")
+            if r["status"] == "ok" and prob.losses is not None:
+                nq = r["scores"].shape[0]
+                out = lds_from_losses(r["scores"], prob.subsets, prob.losses[:, :nq])
+                r["lds"], r["n_queries"] = out["lds"], nq
+            scores = r.pop("scores", None)
+            if scores is not None and rep == 0:
+                r["n_queries"] = scores.shape[0]
+            runs[m.label].append(r)
+            log(f"{name} rep {rep} {m.label}: {summary(r)}")
+    rows = []
+    for m in todo:
+        rs = runs[m.label]
+        ok = [r for r in rs if r["status"] == "ok"]
+        rows.append({"label": m.label, "lib": m.lib, "name": m.name, "kwargs": m.kwargs,
+                     "note": m.note, "queries": m.queries, "runs": len(rs), "ok": len(ok),
+                     "errors": sorted({r.get("error", "") for r in rs if r["status"] != "ok"}),
+                     "fit_s": spread([r["fit_s"] for r in ok]),
+                     "score_s": spread([r["score_s"] for r in ok]),
+                     "total_s": spread([r["fit_s"] + r["score_s"] for r in ok]),
+                     "peak_rss_mb": spread([r["peak_rss_mb"] for r in ok]),
+                     "base_rss_mb": spread([r["base_rss_mb"] for r in ok]),
+                     "lds": ok[0].get("lds") if ok else None,
+                     "n_queries": ok[0].get("n_queries") if ok else None})
+    return {"setup": {"model": name, "damping": prob.damping, "reps": a.reps,
+                      "threads": a.threads, "lds": prob.lds_note,
+                      "iterative_queries": a.iterative_queries}, "rows": rows}
+
+
+def summary(r: dict) -> str:
+    if r["status"] != "ok":
+        return f"{r['status']}: {r.get('error')}"
+    lds = f", LDS {r['lds']:.3f}" if r.get("lds") is not None else ""
+    return (f"fit {r['fit_s']:.2f}s score {r['score_s']:.2f}s peak {r['peak_rss_mb']:.0f} MB"
+            f"{lds}")
+
+
+def part_flops(a: argparse.Namespace) -> dict[str, Any]:
+    """Achieved rate of the scoring step vs a plain torch.matmul of the same shape."""
+    torch.set_num_threads(a.threads)
+    rows = []
+    for dtype, p in ((torch.float64, 7850), (torch.float32, 101770)):
+        q, n = 500, 5000
+        x, y = torch.randn(q, p, dtype=dtype), torch.randn(p, n, dtype=dtype)
+        torch.matmul(x, y)
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            torch.matmul(x, y)
+            times.append(time.perf_counter() - t0)
+        t = min(times)
+        rows.append({"shape": f"[{q},{p}]x[{p},{n}]", "dtype": str(dtype).split(".")[-1],
+                     "seconds": t, "gflops": 2 * q * p * n / t / 1e9})
+        del x, y
+    return {"setup": {"threads": a.threads}, "matmul": rows}
+
+
+def part_scaling(a: argparse.Namespace) -> dict[str, Any]:
+    """Time and peak memory against n_train: real MNIST (LR) and synthetic inputs."""
+    rows = []
+    ek = Method("ours EK-FAC", "ours", "EKFACInfluence", {"damping": 1e-3})
+    kr = Method("kronfluence EK-FAC", "kronfluence", "ekfac")
+    plan = [("lr", n) for n in a.real_sizes] + [("synthetic", n) for n in a.synthetic_sizes]
+    for problem, n in plan:
+        for m in (ek, kr):
+            spec = {"problem": problem, "n_train": n, "threads": a.threads, "queries": 100,
+                    "method": asdict(m), "n_query": 100}
+            r = spawn(spec, a.timeout)
+            r.pop("scores", None)
+            rows.append({"problem": problem, "n_train": n, "label": m.label, **r})
+            log(f"scaling {problem} n={n} {m.label}: {summary(r)}")
+    return {"setup": {"threads": a.threads, "queries": 100}, "rows": rows}
+
+
+def part_profile(a: argparse.Namespace) -> dict[str, Any]:
+    """cProfile of our methods (``--profile-methods model:label,...``) in a fresh process."""
+    out = []
+    for item in a.profile_methods:
+        model, label = item.split(":", 1)
+        import mnist_setup as ms
+
+        prob = ms.load_problem(model)
+        m = next(x for x in methods(model, prob.damping, a.iterative_queries, False)
+                 if x.label == label)
+        spec = {"problem": model, "n_train": 5000, "threads": a.threads, "queries": m.queries,
+                "method": asdict(m), "profile": True}
+        with tempfile.TemporaryDirectory(prefix="prof-") as tmp:
+            spec["out"] = str(Path(tmp) / "r.npz")
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT)
+            text = Path(spec["out"] + ".prof.txt").read_text() if p.returncode == 0 else \
+                p.stderr[-2000:]
+        out.append({"model": model, "label": label, "text": text})
+        log(f"profiled {model} {label}")
+    return {"setup": {"threads": a.threads}, "profiles": out}
+
+
+# ============================================================================ report
+
+
+def machine() -> dict[str, Any]:
+    import influence_truth as it
+
+    return it.machine()
+
+
+def fmt_s(s: dict | None, spec: str = ".2f") -> str:
+    if not s:
+        return "–"
+    if s["min"] == s["max"]:
+        return format(s["median"], spec)
+    return f"{s['median']:{spec}} ({s['min']:{spec}}–{s['max']:{spec}})"
+
+
+def header(res: dict) -> list[str]:
+    m = res["machine"]
+    load = m.get("load_avg_at_start")
+    return [f"Command: `{res['command']}`  ", f"Date: {res['date']}  ",
+            f"Machine: {m['nproc']} × {m['cpu']}, {m['ram']} RAM, torch {m['torch']}; load "
+            f"average at start {tuple(round(v, 2) for v in load) if load else '?'} (a shared "
+            "machine: other jobs ran, so times are inflated upper bounds)  ",
+            f"Part wall time: {res['wall_s']:.0f}s", ""] + [
+                f"Rows merged from an earlier run: `{e.get('command')}` on {e.get('date')}, "
+                f"load average {_load(e)}  " for e in res.get("earlier", [])] + [""]
+
+
+def _load(e: dict) -> str:
+    load = e.get("machine", {}).get("load_avg_at_start")
+    return str(tuple(round(v, 2) for v in load)) if load else "?"
+
+
+def md_model(res: dict, title: str) -> list[str]:
+    s = res["setup"]
+    lines = [f"## {title}", ""] + header(res) + [
+        f"Damping λ = {s['damping']} for every method (kronfluence `damping_factor` = λ; dattri "
+        f"`regularization`/`damping` = λ on the mean loss). {s['reps']} repetition(s), "
+        f"{s['threads']} torch thread(s) per process; each method in a fresh process. Times: "
+        "median (min–max). Peak RSS: the worker process's `ru_maxrss` (includes Python, torch "
+        "and the data: the baseline before the method ran is in the last column). LDS target: "
+        f"{s['lds']}.", "",
+        "| method | fit s | score s | total s | peak RSS MB | LDS | queries | RSS before MB "
+        "| notes |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        note = r["note"]
+        if r["ok"] < r["runs"]:
+            note = f"**{r['runs'] - r['ok']} of {r['runs']} runs failed**: " \
+                   f"{'; '.join(r['errors'])}; " + note
+        lds = "–" if r["lds"] is None else f"{r['lds']:.3f}"
+        lines.append(f"| {r['label']} | {fmt_s(r['fit_s'])} | {fmt_s(r['score_s'])} | "
+                     f"{fmt_s(r['total_s'])} | {fmt_s(r['peak_rss_mb'], '.0f')} | {lds} | "
+                     f"{r['n_queries'] or '–'} | {fmt_s(r['base_rss_mb'], '.0f')} | "
+                     f"{note.replace('|', '/')} |")
+    listed = {m.label for m in methods(s["model"], s["damping"], s["iterative_queries"], False)}
+    absent = sorted(listed - {r["label"] for r in res["rows"]})
+    if s["model"] == "mlp":
+        absent.append("dattri explicit (a dense 101,770² Hessian: about 41 GB in float32)")
+    if absent:
+        lines += ["", "Not run in this table: " + "; ".join(absent) + " (dattri CG / LiSSA are "
+                  "skipped by `--skip-slow`, used on the shared machine because a full run "
+                  "takes several minutes each).", ""]
+    return lines + [""] + md_targets(res)
+
+
+def _row(res: dict, label: str) -> dict | None:
+    r = next((r for r in res["rows"] if r["label"] == label), None)
+    return r if r and r["ok"] else None
+
+
+def _pair(res: dict, ours: str, peer: str) -> str:
+    a, b = _row(res, ours), _row(res, peer)
+    if a is None or b is None:
+        return f"| {ours} vs {peer} | not measured | | | |"
+    ta, tb = a["total_s"]["median"], b["total_s"]["median"]
+    la, lb = a["lds"], b["lds"]
+    ma, mb = a["peak_rss_mb"]["median"], b["peak_rss_mb"]["median"]
+    t_ok = ta <= 0.5 * tb
+    l_ok = la is not None and lb is not None and la >= lb - 0.01
+    m_ok = ma <= mb
+    lds = "–" if la is None or lb is None else f"{la:.3f} vs {lb:.3f} {'met' if l_ok else 'MISSED'}"
+    return (f"| {ours} vs {peer} | {ta:.1f} vs {tb:.1f} s (ratio {ta / tb:.2f}) "
+            f"{'met' if t_ok else 'MISSED'} | {lds} | {ma:.0f} vs {mb:.0f} MB "
+            f"{'met' if m_ok else 'MISSED'} |")
+
+
+def md_targets(res: dict) -> list[str]:
+    """The issue's targets, checked on the medians of this run."""
+    lines = ["Targets (medians of this run; time target: ours ≤ half the peer's fit + score; "
+             "LDS ≥ peer − 0.01; peak RSS ≤ the peer's):", "",
+             "| pair | time | LDS | peak RSS |", "|---|---|---|---|"]
+    lines += [_pair(res, "ours EK-FAC", "kronfluence EK-FAC"),
+              _pair(res, "ours K-FAC", "kronfluence K-FAC"),
+              _pair(res, "ours CG (GGN) 100 it", "dattri CG 100 it"),
+              _pair(res, "ours LiSSA (GGN)", "dattri LiSSA"),
+              _pair(res, "ours Arnoldi r=100", "dattri Arnoldi r=100")]
+    kr = _row(res, "kronfluence EK-FAC")
+    if res["setup"]["model"] == "lr" and kr is not None:
+        full = [r for r in res["rows"] if r["ok"] and r["lib"] == "ours" and r["lds"]
+                and r["lds"] >= 0.90]
+        budget = kr["total_s"]["median"]
+        fast = [r for r in full if r["total_s"]["median"] <= budget]
+        best = ", ".join(f"{r['label']} LDS {r['lds']:.3f} in {r['total_s']['median']:.1f} s"
+                         f" ({r['n_queries']} queries)" for r in full) or "none"
+        lines += ["", f"LR exact quality (LDS ≥ 0.90) within kronfluence EK-FAC's "
+                      f"{budget:.1f} s: {'met' if fast else 'MISSED'} (ours at ≥ 0.90: {best})."]
+    peers = [r["peak_rss_mb"]["median"] for r in res["rows"] if r["ok"] and r["lib"] != "ours"]
+    if peers:
+        lines += ["", f"Best (lowest) peer peak RSS in this table: {min(peers):.0f} MB."]
+    return lines + [""]
+
+
+def md_profile(res: dict) -> list[str]:
+    lines = ["## Profiles", ""] + header(res)
+    for p in res["profiles"]:
+        lines += [f"**{p['model']}: {p['label']}** (cProfile, top entries by cumulative "
+                  "time, fit then scores)", "", "```", p["text"].strip(), "```", ""]
+    return lines
+
+
+PARAMS = {"lr": 7850, "mlp": 101770}
+
+
+def md_flops(res: dict, models: dict[str, dict]) -> list[str]:
+    lines = ["## Scoring matmul: practical limit", ""] + header(res) + [
+        "A plain `torch.matmul` of the scoring shape (500 queries × P parameters × 5,000 "
+        "training examples, one thread) against the whole scoring step of the EK-FAC rows "
+        "above (per-sample gradients + preconditioning + the matmul), as 2·q·P·n / score "
+        "seconds:", "", "| shape | dtype | seconds | GFLOP/s |", "|---|---|---|---|"]
+    for r in res["matmul"]:
+        lines.append(f"| {r['shape']} | {r['dtype']} | {r['seconds']:.3f} | {r['gflops']:.1f} |")
+    lines += ["", "| model | method | score s | effective GFLOP/s of the scoring step |",
+              "|---|---|---|---|"]
+    for name, mres in models.items():
+        for label in ("ours EK-FAC", "kronfluence EK-FAC", "ours K-FAC", "kronfluence K-FAC"):
+            r = _row(mres, label)
+            if r is None or r["n_queries"] is None:
+                continue
+            t = r["score_s"]["median"]
+            flop = 2 * r["n_queries"] * PARAMS[name] * 5000
+            lines.append(f"| {name} | {label} | {t:.2f} | {flop / t / 1e9:.1f} |")
+    return lines + [""]
+
+
+def md_scaling(res: dict) -> list[str]:
+    lines = ["## How cost grows with n_train", ""] + header(res) + [
+        "100 queries; LR 784→10 (real MNIST: trained per size; synthetic: uniform random "
+        "inputs and labels on the 5,000-example weights).", "",
+        "| data | n_train | method | fit s | score s | peak RSS MB | status |",
+        "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        ok = r["status"] == "ok"
+        lines.append(f"| {r['problem']} | {r['n_train']} | {r['label']} | "
+                     f"{r['fit_s'] if not ok else round(r['fit_s'], 2)} | "
+                     f"{'–' if not ok else round(r['score_s'], 2)} | "
+                     f"{'–' if not ok else round(r['peak_rss_mb'])} | "
+                     f"{r['status']} {r.get('error') or ''} |")
+    return lines + [""]
+
+
+def write_report(extra: str = "") -> None:
+    res = {p: json.loads((OUT / f"benchmark_{p}.json").read_text())
+           for p in PARTS if (OUT / f"benchmark_{p}.json").exists()}
+    lines = ["# Benchmark: ours vs kronfluence 1.0.1 and dattri 0.3.0", "",
+             "Generated by `experiments/benchmark_peers.py` from `experiments/out/benchmark_"
+             "*.json` (each section names its command, machine and date). Same trained "
+             "weights, data and damping for everyone; scores in our convention (peers "
+             "converted by `baselines/peers/`). MNIST t10k split 5,000 train / 500 query.", ""]
+    if "lr" in res:
+        lines += md_model(res["lr"], "Logistic regression 784→10 (float64)")
+    if "mlp" in res:
+        lines += md_model(res["mlp"], "MLP 784-128-10 (float32)")
+    if "flops" in res:
+        lines += md_flops(res["flops"], {k: res[k] for k in ("lr", "mlp") if k in res})
+    if "scaling" in res:
+        lines += md_scaling(res["scaling"])
+    if "profile" in res:
+        lines += md_profile(res["profile"])
+    missing = [p for p in PARTS if p not in res]
+    if missing:
+        lines += ["## Not run", "", "Parts without results: " + ", ".join(missing) + ".", ""]
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text("\n".join(lines) + extra)
+    log(f"wrote {DOC.relative_to(ROOT)}")
+
+
+# ============================================================================ main
+
+
+def merge(old: dict, new: dict) -> dict:
+    """Replace the rows of re-run methods in ``old`` (keeping its order); keep the others,
+    and record every command and date that contributed."""
+    fresh = {r["label"]: r for r in new["rows"]}
+    rows = [fresh.pop(r["label"], r) for r in old["rows"]] + list(fresh.values())
+    earlier = old.get("earlier", []) + [{k: old[k] for k in ("command", "date", "machine")
+                                         if k in old}]
+    return {**new, "rows": rows, "earlier": earlier}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--all", action="store_true", help="run every part")
+    for part in PARTS:
+        p.add_argument(f"--{part}", action="store_true")
+    p.add_argument("--report", action="store_true", help="only rebuild the markdown")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per method run")
+    p.add_argument("--iterative-queries", type=int, default=50,
+                   help="queries scored by the CG / LiSSA solvers (ours and dattri's)")
+    p.add_argument("--skip-slow", action="store_true", help="skip dattri CG and LiSSA")
+    p.add_argument("--only", default="", help="comma-separated label substrings")
+    p.add_argument("--profile-methods", default="lr:ours CG (GGN) 100 it,mlp:ours EK-FAC",
+                   help="model:label pairs profiled by --profile")
+    p.add_argument("--real-sizes", default="1000,2000,5000,9000")
+    p.add_argument("--synthetic-sizes", default="10000,30000,100000")
+    a = p.parse_args(argv)
+    a.only = tuple(o for o in a.only.split(",") if o)
+    a.profile_methods = [v for v in a.profile_methods.split(",") if v]
+    a.real_sizes = [int(v) for v in a.real_sizes.split(",") if v]
+    a.synthetic_sizes = [int(v) for v in a.synthetic_sizes.split(",") if v]
+    if a.reps < 1 or a.threads < 1 or a.iterative_queries < 1:
+        p.error("--reps, --threads and --iterative-queries must be >= 1")
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    if a.worker:
+        worker(json.loads(a.worker))
+        return
+    parts = list(PARTS) if a.all else [q for q in PARTS if getattr(a, q)]
+    if not parts and not a.report:
+        sys.exit("choose --all, one or more of --lr --mlp --flops --scaling, or --report")
+    command = ".venv/bin/python experiments/benchmark_peers.py " + " ".join(
+        shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
+    OUT.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        info, t0 = machine(), time.perf_counter()
+        log(f"=== {part}")
+        try:
+            res = {"lr": lambda: part_model("lr", a), "mlp": lambda: part_model("mlp", a),
+                   "flops": lambda: part_flops(a), "scaling": lambda: part_scaling(a),
+                   "profile": lambda: part_profile(a)}[part]()
+        except Exception:
+            traceback.print_exc()
+            continue
+        res.update(command=command, date=dt.datetime.now(dt.timezone.utc).isoformat(
+            timespec="seconds"), machine=info, wall_s=time.perf_counter() - t0)
+        path = OUT / f"benchmark_{part}.json"
+        if a.only and path.exists() and "rows" in res:  # merge a partial rerun
+            res = merge(json.loads(path.read_text()), res)
+        path.write_text(json.dumps(res, indent=1, default=str))
+        write_report()
+    write_report()
+
+
+if __name__ == "__main__":
+    main()
