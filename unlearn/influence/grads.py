@@ -154,7 +154,7 @@ def per_sample_grads(
 
     grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, inputs, targets)
     flat = space.flatten(grads, batch_dims=1)
-    if not torch.isfinite(flat).all():
+    if not torch.isfinite(flat.sum()):  # one reduction; NaN or inf anywhere propagates
         raise FloatingPointError(
             "per-sample gradients contain NaN or inf: check the model weights and inputs"
         )
