@@ -3,7 +3,7 @@
 A worker process applies pending requests in a loop, exactly as a user's processor would:
 ``with ledger.applying() as batch``: load the recorded head model, remove the batch's new ids
 (subtract a known amount per sample id), count each request once, ``batch.commit``. The test
-kills it with SIGKILL after a random 0-200 ms, 25 times, submitting new requests (and
+kills it with SIGKILL after a random 0-100 ms, 25 times, submitting new requests (and
 resubmitting old ones) between kills, then lets a last worker finish. The model is two exact
 float64 vectors, so the final weights prove that every sample was removed exactly once and
 every request counted exactly once; the ledger's own record (which version applied which
