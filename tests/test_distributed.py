@@ -67,7 +67,11 @@ def _worker(rank: int, world: int, port: int, outdir: str) -> None:
         except NotImplementedError as err:
             (Path(outdir) / f"cg{rank}.txt").write_text(str(err))
     finally:
+        dist.barrier()
         dist.destroy_process_group()
+    # gloo's worker threads can abort the interpreter's teardown ("terminate called without
+    # an active exception") after all work is done and saved; skip that teardown.
+    os._exit(0)
 
 
 def _free_port() -> int:
