@@ -415,19 +415,17 @@ def _load_weights(model: object, state: dict, where: str) -> None:
 
 
 def _checkpoint_state(path: Path | None) -> dict:
-    import torch
+    from unlearn.checkpoints import read_weights_file
 
     if path is None:
         raise UserError("the ledger has no model version yet and the project file names no "
                         "'checkpoint' (the trained weights to start from)")
-    if not path.is_file():
-        raise UserError(f"missing checkpoint: no file {str(path)!r}")
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"cannot read the checkpoint {str(path)!r}: {err}") from err
-    if isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict):
-        blob = blob["state_dict"]  # a Lightning checkpoint
+        blob = read_weights_file(path)
+    except FileNotFoundError as err:
+        raise UserError(f"missing checkpoint: {err}") from err
+    except ValueError as err:
+        raise UserError(f"cannot read the checkpoint: {err}") from err
     if not isinstance(blob, dict):
         raise UserError(f"the checkpoint {str(path)!r} holds a {type(blob).__name__}, not a "
                         "state_dict")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from unlearn.checkpoints import read_weights_file
 from unlearn.influence.base import InfluenceEstimator, _check_count, _QueryStore
 from unlearn.influence.grads import check_loader, iter_grads, model_dtype_device, per_sample_grads
 from unlearn.tasks import Task
@@ -207,16 +207,12 @@ def _describe(checkpoint: Checkpoint, index: int) -> str:
 
 def _load_checkpoint(checkpoint: Checkpoint) -> Any:
     if isinstance(checkpoint, (str, os.PathLike)):
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"TracIn checkpoint file not found: {path}")
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(f"cannot load TracIn checkpoint {path} as weights: {err}") from err
-        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-            loaded = loaded["state_dict"]  # a Lightning checkpoint
-        return loaded
+            return read_weights_file(checkpoint)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"TracIn checkpoint file not found: {err}") from err
+        except ValueError as err:
+            raise ValueError(f"cannot load TracIn checkpoint: {err}") from err
     return checkpoint
 
 
