@@ -1,0 +1,261 @@
+"""LightGCN (torch-geometric) trained with BPR on an :class:`InteractionGraph`.
+
+The model is :class:`torch_geometric.nn.models.LightGCN` itself, over ``U + I`` nodes (users
+first, items offset by ``U``); the graph it propagates on is ``graph.edge_index()`` of whichever
+training graph applies (after a removal: the remaining graph). Training is the original
+LightGCN recipe: for every training interaction (u, i) one item j the user has not interacted
+with, drawn uniformly; loss ``-log σ(s_ui - s_uj) + reg/2 (|e_u|² + |e_i|² + |e_j|²)`` on the
+*ego* (layer-0) embeddings of the triple, averaged over the batch; Adam.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch_geometric.nn.models import LightGCN
+
+from unlearn.recommend.data import InteractionGraph
+
+__all__ = [
+    "BPRConfig",
+    "LightGCN",
+    "LightGCNModule",
+    "bpr_loss",
+    "embeddings",
+    "fit_bpr",
+    "interaction_loader",
+    "make_lightgcn",
+    "sample_negatives",
+    "sample_triples",
+    "score_matrix",
+    "score_pairs",
+    "train_lightgcn",
+]
+
+
+@dataclass(frozen=True)
+class BPRConfig:
+    """How LightGCN is built and trained. The defaults reach full training on ML-100K
+    (rating >= 4, 80/20 split, ~44k training interactions) in about a CPU minute."""
+
+    dim: int = 64
+    num_layers: int = 3
+    epochs: int = 60
+    lr: float = 5e-3
+    batch_size: int = 2048
+    reg: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "num_layers", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise ValueError(f"epochs must be a non-negative int, got {self.epochs!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not self.reg >= 0:
+            raise ValueError(f"reg must be >= 0, got {self.reg!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def _fork_rng(seed: int) -> Iterator[torch.Generator]:
+    """Seed torch's CPU RNG inside the block (restored after); yields a generator alike."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield torch.Generator().manual_seed(seed)
+
+
+def make_lightgcn(graph: InteractionGraph, dim: int = 64, num_layers: int = 3,
+                  seed: int = 0) -> LightGCN:
+    """A freshly initialised LightGCN for ``graph`` (Xavier-uniform embeddings, seeded)."""
+    with _fork_rng(seed):
+        return LightGCN(num_nodes=graph.num_nodes, embedding_dim=dim, num_layers=num_layers)
+
+
+def _check_model(model: nn.Module, graph: InteractionGraph) -> None:
+    if not isinstance(model, LightGCN):
+        raise TypeError(f"expected a torch_geometric LightGCN, got {type(model).__name__}")
+    if model.num_nodes != graph.num_nodes:
+        raise ValueError(f"model has {model.num_nodes} nodes but the graph has "
+                         f"{graph.n_users} users + {graph.n_items} items = {graph.num_nodes}")
+
+
+def sample_negatives(graph: InteractionGraph, users: Tensor,
+                     generator: torch.Generator | None = None, max_tries: int = 50) -> Tensor:
+    """For each user, an item drawn uniformly from those it has no training interaction with
+    (rejection sampling)."""
+    keys = graph.train_keys()
+    neg = torch.randint(graph.n_items, (len(users),), generator=generator)
+    todo = torch.ones(len(users), dtype=torch.bool)
+    for _ in range(max_tries):
+        k = users[todo] * graph.n_items + neg[todo]
+        pos = torch.searchsorted(keys, k).clamp(max=len(keys) - 1)
+        hit = keys[pos] == k
+        idx = torch.nonzero(todo).squeeze(1)
+        todo[idx[~hit]] = False
+        if not bool(todo.any()):
+            return neg
+        neg[todo] = torch.randint(graph.n_items, (int(todo.sum()),), generator=generator)
+    raise RuntimeError("could not sample negatives: some user has interacted with (almost) "
+                       "every item")
+
+
+def sample_triples(graph: InteractionGraph, seed: int = 0) -> Tensor:
+    """``[E, 3]`` (user, positive item, negative item), one negative per training interaction
+    in ``graph.train_ids`` order: a fixed BPR objective (used by influence-based removal)."""
+    g = torch.Generator().manual_seed(seed)
+    p = graph.train_pairs()
+    return torch.stack([p[:, 0], p[:, 1], sample_negatives(graph, p[:, 0], g)], dim=1)
+
+
+def bpr_loss(model: LightGCN, edge_index: Tensor, n_users: int, users: Tensor, pos: Tensor,
+             neg: Tensor, reg: float, reduction: str = "mean") -> Tensor:
+    """BPR loss of the triples ``(users, pos, neg)`` (local indices) with the LightGCN
+    propagation on ``edge_index``, plus ``reg/2`` times the squared norms of the triple's
+    ego embeddings. ``reduction``: "mean", "sum" or "none"."""
+    out = model.get_embedding(edge_index)
+    eu, ep, en = out[users], out[pos + n_users], out[neg + n_users]
+    terms = -F.logsigmoid((eu * ep).sum(-1) - (eu * en).sum(-1))
+    if reg:
+        w = model.embedding.weight
+        terms = terms + 0.5 * reg * (w[users].pow(2).sum(-1) + w[pos + n_users].pow(2).sum(-1)
+                                     + w[neg + n_users].pow(2).sum(-1))
+    if reduction == "mean":
+        return terms.mean()
+    if reduction == "sum":
+        return terms.sum()
+    if reduction == "none":
+        return terms
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def fit_bpr(model: LightGCN, graph: InteractionGraph, *, epochs: int, lr: float,
+            batch_size: int = 2048, reg: float = 1e-4, seed: int = 0,
+            params: list[Tensor] | None = None) -> list[float]:
+    """Train ``model`` in place on ``graph``'s training interactions with BPR and Adam
+    (fresh negatives every epoch, seeded). Returns the mean loss of each epoch."""
+    _check_model(model, graph)
+    edge_index = graph.edge_index()
+    pairs = graph.train_pairs()
+    opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr)
+    history: list[float] = []
+    model.train()
+    with _fork_rng(seed) as gen:
+        for _ in range(epochs):
+            order = torch.randperm(len(pairs), generator=gen)
+            negs = sample_negatives(graph, pairs[:, 0], gen)
+            total = 0.0
+            for start in range(0, len(order), batch_size):
+                b = order[start:start + batch_size]
+                loss = bpr_loss(model, edge_index, graph.n_users, pairs[b, 0], pairs[b, 1],
+                                negs[b], reg)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(b)
+            history.append(total / max(len(order), 1))
+    model.eval()
+    return history
+
+
+def train_lightgcn(graph: InteractionGraph, config: BPRConfig | None = None,
+                   **overrides: Any) -> LightGCN:
+    """A LightGCN trained from scratch on ``graph`` (seeded: same graph and config, same
+    weights). ``overrides`` replace fields of ``config`` (``dim``, ``num_layers``, ``epochs``,
+    ``lr``, ``batch_size``, ``reg``, ``seed``). The losses are in ``model.bpr_history``."""
+    config = replace(config or BPRConfig(), **overrides)
+    model = make_lightgcn(graph, config.dim, config.num_layers, config.seed)
+    history = fit_bpr(model, graph, epochs=config.epochs, lr=config.lr,
+                      batch_size=config.batch_size, reg=config.reg, seed=config.seed + 1)
+    model.bpr_history = history  # type: ignore[attr-defined]
+    return model
+
+
+@torch.no_grad()
+def embeddings(model: LightGCN, graph: InteractionGraph) -> tuple[Tensor, Tensor]:
+    """Final (layer-combined) ``(user_emb [U, d], item_emb [I, d])`` on ``graph``'s training
+    graph."""
+    _check_model(model, graph)
+    out = model.get_embedding(graph.edge_index())
+    return out[:graph.n_users], out[graph.n_users:]
+
+
+@torch.no_grad()
+def score_matrix(model: nn.Module, graph: InteractionGraph) -> Tensor:
+    """``[U, I]`` predicted scores. Models with their own ``score_matrix(graph)`` (e.g. a
+    sharded ensemble) use it; a LightGCN propagates on ``graph.edge_index()``."""
+    if hasattr(model, "score_matrix") and not isinstance(model, LightGCN):
+        return model.score_matrix(graph)
+    users, items = embeddings(model, graph)  # type: ignore[arg-type]
+    return users @ items.T
+
+
+@torch.no_grad()
+def score_pairs(model: nn.Module, graph: InteractionGraph, pairs: Tensor) -> Tensor:
+    """Scores of ``[n, 2]`` (user, item) pairs."""
+    pairs = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2)
+    if hasattr(model, "score_matrix") and not isinstance(model, LightGCN):
+        return model.score_matrix(graph)[pairs[:, 0], pairs[:, 1]]
+    users, items = embeddings(model, graph)  # type: ignore[arg-type]
+    return (users[pairs[:, 0]] * items[pairs[:, 1]]).sum(-1)
+
+
+# ------------------------------------------------------------------------------- Lightning
+
+def interaction_loader(graph: InteractionGraph, batch_size: int = 2048, shuffle: bool = True,
+                       seed: int = 0) -> DataLoader:
+    """Batches of ``(interaction ids, users, positive items)`` over the training graph: the
+    ``(ids, x, y)`` layout :class:`~unlearn.lightning.TrainingLogCallback` records."""
+    p = graph.train_pairs()
+    ds = TensorDataset(graph.train_ids.clone(), p[:, 0].clone(), p[:, 1].clone())
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+class LightGCNModule(pl.LightningModule):
+    """LightGCN + BPR as a LightningModule. Feed it :func:`interaction_loader` batches; the
+    negatives are drawn in ``training_step`` from a generator seeded with ``seed``.
+
+    >>> module = LightGCNModule(graph, dim=64, num_layers=3, lr=5e-3)
+    >>> pl.Trainer(max_epochs=60).fit(module, interaction_loader(graph))
+    >>> module.model                                 # the trained torch_geometric LightGCN
+    """
+
+    def __init__(self, graph: InteractionGraph, dim: int = 64, num_layers: int = 3,
+                 lr: float = 5e-3, reg: float = 1e-4, seed: int = 0,
+                 model: LightGCN | None = None) -> None:
+        super().__init__()
+        self.graph = graph
+        self.model = model if model is not None else make_lightgcn(graph, dim, num_layers, seed)
+        _check_model(self.model, graph)
+        self.lr, self.reg = float(lr), float(reg)
+        self._gen = torch.Generator().manual_seed(seed + 1)
+        self.register_buffer("edge_index", graph.edge_index().clone(), persistent=False)
+
+    def forward(self, users: Tensor, items: Tensor) -> Tensor:
+        out = self.model.get_embedding(self.edge_index)
+        return (out[users] * out[items + self.graph.n_users]).sum(-1)
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        _, users, pos = batch
+        neg = sample_negatives(self.graph, users.cpu(), self._gen).to(users.device)
+        loss = bpr_loss(self.model, self.edge_index, self.graph.n_users, users, pos, neg,
+                        self.reg)
+        self.log("train_bpr", loss, prog_bar=True, batch_size=len(users))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.model.parameters(), lr=self.lr)
