@@ -28,6 +28,7 @@ _WHERE = {
     "knn_candidates": "candidates",
     "layer_inputs": "candidates",
     "scores_on_candidates": "candidates",
+    "GANInfluence": "gan",
 }
 
 __all__ = sorted(_WHERE)
