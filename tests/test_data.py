@@ -269,3 +269,41 @@ def test_mnist_download_mocked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     with pytest.raises(RuntimeError, match="md5"):
         load_mnist(tmp_path / "bad", train=False, download=True)
     assert list((tmp_path / "bad").iterdir()) == []
+
+
+def test_iter_batches_equals_the_loader_batch_for_batch():
+    from torch.utils.data import DataLoader, SubsetRandomSampler
+
+    from unlearn.data import iter_batches
+
+    data = from_tensors(torch.randn(50, 3), torch.randint(0, 4, (50,)),
+                        ids=list(range(100, 150))).without([101, 120, 149]).subset(
+        [130, 102, 140, 103, 104, 105, 106, 107, 108, 109, 110, 111])
+    settings = [dict(batch_size=5), dict(batch_size=5, drop_last=True),
+                dict(batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(3)),
+                dict(batch_size=3, sampler=SubsetRandomSampler(
+                    [0, 2, 5, 7], generator=torch.Generator().manual_seed(1)))]
+    for kw in settings:
+        gen = kw.get("generator")
+        state = None if gen is None else gen.get_state()
+        expected = list(DataLoader(data, **kw))
+        if gen is not None:
+            gen.set_state(state)
+        sampler = kw.get("sampler")
+        if sampler is not None:
+            sampler.generator.manual_seed(1)
+        got = list(iter_batches(DataLoader(data, **kw)))
+        assert len(got) == len(expected) > 0
+        for a, b in zip(got, expected, strict=True):
+            for ta, tb in zip(a, b, strict=True):
+                assert ta.dtype == tb.dtype and torch.equal(ta, tb)
+
+
+def test_iter_batches_passes_other_loaders_through():
+    from torch.utils.data import DataLoader
+
+    from unlearn.data import iter_batches
+
+    pairs = [(torch.tensor([float(i)]), i % 2) for i in range(7)]
+    assert [b[1].tolist() for b in iter_batches(DataLoader(pairs, batch_size=3))] == \
+        [[0, 1, 0], [1, 0, 1], [0]]

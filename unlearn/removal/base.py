@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
-from unlearn.data import IndexedDataset, split_by_ids
+from unlearn.data import IndexedDataset, iter_batches, split_by_ids
 from unlearn.influence.grads import to_model
 from unlearn.tasks import Task
 
@@ -126,7 +126,7 @@ def _check_disjoint(task: Task, forget: DataLoader, retain: DataLoader) -> None:
 
 def _check_task_matches(task: Task, model: nn.Module, loader: DataLoader) -> None:
     """One forward pass on a forget batch: a model/task mismatch fails here, clearly."""
-    batch = to_model(next(iter(loader)), model)
+    batch = to_model(next(iter(iter_batches(loader))), model)
     was_training = model.training
     model.eval()  # train mode would update BatchNorm statistics of the caller's model
     try:

@@ -66,6 +66,7 @@ from torch.func import functional_call, grad, jvp
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
+from unlearn.data import iter_batches
 from unlearn.influence.base import InfluenceEstimator
 from unlearn.influence.grads import ParamSpace, to_model
 from unlearn.removal.base import RemovalMethod
@@ -427,7 +428,7 @@ def _loss_grad(model: nn.Module, task: Task, loader: DataLoader, space: ParamSpa
     params = [named[n] for n in space.names]
     total = [torch.zeros_like(p) for p in params]
     count = 0
-    for k, raw in enumerate(loader):
+    for k, raw in enumerate(iter_batches(loader)):
         if max_batches is not None and k >= max_batches:
             break
         losses = task.loss(model, to_model(raw, model))
@@ -500,7 +501,7 @@ def _take(loader: DataLoader, k: int) -> list[Any]:
     out: list[Any] = []
     while len(out) < k:
         before = len(out)
-        for batch in loader:
+        for batch in iter_batches(loader):
             out.append(batch)
             if len(out) == k:
                 break
