@@ -217,7 +217,7 @@ class GANInfluence:
         theta = traj.final_params().detach().requires_grad_(True)
         value = self._target(theta)
         if not torch.isfinite(value):
-            raise FloatingPointError(f"the target is {float(value)} at the trained parameters")
+            raise FloatingPointError(f"the target is {value.item()} at the trained parameters")
         (u,) = torch.autograd.grad(value, theta, allow_unused=True, materialize_grads=True)
         scores = torch.zeros(len(self._data), dtype=torch.float64)
         steps: Any = traj.iter_params_backward(stop, self._dataset)
