@@ -65,7 +65,7 @@ def positive_float(text: str) -> float:
 
 #: estimators the demo cannot run (the reasons are in ``unlearn.demo``; a test keeps the two
 #: lists equal). Kept here so that building the parser does not import torch.
-DEMO_SKIPS = ("lissa", "tracin")
+DEMO_SKIPS = ("lissa", "tracin", "sgd")
 
 
 def _estimator_names() -> list[str]:

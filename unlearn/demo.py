@@ -47,6 +47,7 @@ FAST = {"n_train": 600, "n_test": 200, "retrain_check": False}
 #: estimators the demo cannot build from (model, task, damping) alone, and why
 _NOT_IN_DEMO = {
     "tracin": "TracIn needs checkpoints of an SGD run; the demo trains with L-BFGS",
+    "sgd": "SGD-influence needs the recorded SGD trajectory; the demo trains with L-BFGS",
     "lissa": "LiSSA runs thousands of minibatch steps per solve, so the self-influence of "
     "every training image takes many minutes; see docs/index.md for using it directly",
 }

@@ -18,6 +18,7 @@ _WHERE = {
     "KFACInfluence": "ekfac",
     "EKFACInfluence": "ekfac",
     "TracInInfluence": "tracin",
+    "SGDInfluence": "sgd",
     "GradientDotInfluence": "gradient",
     "GradientCosineInfluence": "gradient",
     "save_scores": "io",
