@@ -74,6 +74,8 @@ def test_tiny_learning_rate_is_near_exact(data):
         {"schedule": "simultaneous"},
         {"n_disc": 2, "loss": "minimax"},
         {"weight_decay_d": 0.1, "weight_decay_g": 0.05, "n_fake": 6},
+        {"momentum": 0.7, "n_disc": 2},
+        {"momentum": 0.5, "schedule": "simultaneous", "checkpoint_every": 4},
     ],
 )
 def test_other_schedules_and_losses_match_brute_force(data, options):

@@ -36,6 +36,21 @@ def test_replay_without_exclusion_is_bit_exact():
     assert not torch.equal(traj.final_params(), traj.checkpoints[0])  # it did train
 
 
+def test_momentum_state_replays_exactly_and_survives_save_load(tmp_path):
+    traj = _train(momentum=0.9, checkpoint_every=3)
+    P = traj.n_params
+    assert traj.state_size == 2 * P and traj.checkpoints[0][P:].abs().sum() == 0
+    assert traj.final_params().shape == (P,)
+    assert torch.equal(replay(traj).final_params(), traj.final_params())
+    plain = _train(momentum=0.0)
+    assert not torch.allclose(plain.final_params(), traj.final_params())
+    loaded = GANTrajectory.load(traj.save(tmp_path / "m.safetensors"), dataset=traj.dataset)
+    assert loaded.momentum == 0.9
+    assert torch.equal(replay(loaded, [105]).final_params(), replay(traj, [105]).final_params())
+    with pytest.raises(ValueError, match="momentum"):
+        _train(momentum=1.0)
+
+
 def test_training_does_not_touch_the_input_modules_and_models_hold_the_result():
     g, d = gan_2d(latent_dim=3, hidden_g=8, hidden_d=8, seed=1)
     before = [p.clone() for p in [*g.parameters(), *d.parameters()]]
@@ -95,7 +110,7 @@ def test_checkpoints_every_k_recompute_exactly():
     assert set(sparse.checkpoints) == set(range(0, T, 3)) | {T}
     for t in range(T + 1):
         assert torch.equal(sparse.params_at(t), full.params_at(t)), t
-    backward = list(sparse.iter_params_backward())
+    backward = list(sparse.iter_states_backward())
     assert [t for t, _ in backward] == list(range(T - 1, -1, -1))
     for t, theta in backward:
         assert torch.equal(theta, full.checkpoints[t])

@@ -16,7 +16,13 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-__all__ = ["SampleMetric", "AverageLogLikelihood", "scott_bandwidth", "check_samples"]
+__all__ = [
+    "SampleMetric",
+    "AverageLogLikelihood",
+    "GaussianLogLikelihood",
+    "scott_bandwidth",
+    "check_samples",
+]
 
 
 @runtime_checkable
@@ -101,3 +107,31 @@ class AverageLogLikelihood:
 
     def __repr__(self) -> str:
         return f"AverageLogLikelihood(n={len(self.validation)}, bandwidth={self.bandwidth:.4g})"
+
+
+class GaussianLogLikelihood:
+    """Mean log-density of the generated samples under a known Gaussian ``N(mean, cov)``: the
+    "true" log-likelihood of the 2-D experiments, where the data distribution is known.
+    Higher is better."""
+
+    higher_is_better = True
+
+    def __init__(self, mean: Tensor, cov: Tensor) -> None:
+        mean = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
+        cov = torch.as_tensor(cov, dtype=torch.float64)
+        if cov.shape != (len(mean), len(mean)):
+            raise ValueError(f"cov must be [{len(mean)}, {len(mean)}], got {tuple(cov.shape)}")
+        if not (torch.isfinite(mean).all() and torch.isfinite(cov).all()):
+            raise ValueError("mean and cov must be finite")
+        try:
+            self._dist = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)
+        except ValueError as e:
+            raise ValueError(f"cov must be symmetric positive definite ({e})") from e
+
+    def __call__(self, samples: Tensor) -> Tensor:
+        g = check_samples(samples).reshape(len(samples), -1)
+        if g.shape[1] != self._dist.event_shape[0]:
+            raise ValueError(
+                f"samples have {g.shape[1]} features, the Gaussian {self._dist.event_shape[0]}"
+            )
+        return self._dist.log_prob(g.to(torch.float64)).mean().to(g.dtype)

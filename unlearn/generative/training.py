@@ -13,6 +13,13 @@ ids recorded), fake latents z^D_t (for D) and z^G_t (for G)::
     L_G(θ) = -mean_k softplus(D(G(z^G_k))) + λ_G/2 ‖θ_G‖²          (``loss="minimax"``)
     θ_D ← θ_D - η^D_t ∇_D L_D(θ),   θ_G ← θ_G - η^G_t ∇_G L_G(θ)
 
+With ``momentum=μ > 0`` each player keeps a velocity (PyTorch's SGD convention, one optimiser
+per player, so a player's velocity changes only on its own steps)::
+
+    v_D ← μ v_D + ∇_D L_D(θ),   θ_D ← θ_D - η^D_t v_D        (likewise for G)
+
+The training *state* is then (θ_G, θ_D, v_G, v_D); without momentum it is θ alone.
+
 A step updates D only, G only, or both from the same θ (``schedule="simultaneous"``). With
 ``schedule="alternating"`` (default) every real batch gives one D step and every ``n_disc``-th D
 step is followed by one G step.
@@ -130,9 +137,10 @@ class GANTrajectory:
     the real-data mean is that batch's full size even after exclusion), the seeds that
     regenerate D's and G's latents (``latents(t, "d")``) and their counts ``n_fake_d/g[t]``.
 
-    ``checkpoints[t]`` is the flat parameter vector θ_t = (θ_G, θ_D) *before* step t;
-    ``checkpoints[T]`` is the trained result. Step 0 and T are always kept, and every
-    ``checkpoint_every``-th step; :meth:`params_at` recomputes the others by exact replay.
+    ``checkpoints[t]`` is the flat training state *before* step t: θ_t = (θ_G, θ_D), followed
+    by the velocities (v_G, v_D) when ``momentum > 0``; ``checkpoints[T]`` is the trained
+    result. Step 0 and T are always kept, and every ``checkpoint_every``-th step;
+    :meth:`state_at` / :meth:`params_at` recompute the others by exact replay.
 
     ``generator`` / ``discriminator`` are template modules (architecture only; their own
     weights are never used) and ``dataset`` the real data; neither is written by :meth:`save`.
@@ -165,6 +173,7 @@ class GANTrajectory:
     checkpoint_every: int
     checkpoints: dict[int, Tensor]
     excluded_ids: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    momentum: float = 0.0
     dataset: IndexedDataset | None = None
     _data: RealData | None = field(default=None, repr=False)
 
@@ -185,9 +194,19 @@ class GANTrajectory:
         """Number of generator parameters (the first ``n_g`` entries of θ)."""
         return self.g_space.numel
 
+    @property
+    def n_params(self) -> int:
+        """Number of parameters P = |θ_G| + |θ_D| (the state has 2P entries with momentum)."""
+        return self.g_space.numel + self.d_space.numel
+
+    @property
+    def state_size(self) -> int:
+        return 2 * self.n_params if self.momentum else self.n_params
+
     def split(self, theta: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Named G and D parameter views of a flat θ = (θ_G, θ_D)."""
-        return self.g_space.unflatten(theta[: self.n_g]), self.d_space.unflatten(theta[self.n_g :])
+        ng, P = self.n_g, self.n_params
+        return self.g_space.unflatten(theta[:ng]), self.d_space.unflatten(theta[ng:P])
 
     def batch(self, t: int) -> list[int]:
         """The real-batch ids of step ``t`` (empty for a G-only step)."""
@@ -204,7 +223,8 @@ class GANTrajectory:
         return z.to(device=self.device, dtype=self.dtype)
 
     def final_params(self) -> Tensor:
-        return self.checkpoints[len(self)]
+        """The trained θ = (θ_G, θ_D)."""
+        return self.checkpoints[len(self)][: self.n_params]
 
     def models(self, step: int | None = None) -> tuple[nn.Module, nn.Module]:
         """Fresh ``(generator, discriminator)`` copies holding θ at ``step`` (default: the end)."""
@@ -253,38 +273,42 @@ class GANTrajectory:
     # ------------------------------------------------------------------ parameters
     def params_at(self, step: int, dataset: IndexedDataset | None = None) -> Tensor:
         """θ before step ``step`` (``step = len(self)``: the trained result)."""
+        return self.state_at(step, dataset)[: self.n_params]
+
+    def state_at(self, step: int, dataset: IndexedDataset | None = None) -> Tensor:
+        """The training state (θ, and velocities with momentum) before step ``step``."""
         T = len(self)
         if not 0 <= step <= T:
             raise IndexError(f"step {step} out of range 0..{T}")
         if step in self.checkpoints:
             return self.checkpoints[step]
         start = max(c for c in self.checkpoints if c <= step)
-        theta = self.checkpoints[start]
+        state = self.checkpoints[start]
         data = self.real_data(dataset)
         for t in range(start, step):
-            theta = sgd_step(self, theta, t, data)
-        return theta
+            state = sgd_step(self, state, t, data)
+        return state
 
-    def iter_params_backward(
+    def iter_states_backward(
         self, stop: int = 0, dataset: IndexedDataset | None = None
     ) -> Iterator[tuple[int, Tensor]]:
-        """Yield ``(t, θ_t)`` for ``t = T-1, ..., stop``, recomputing each stretch between
-        checkpoints once by forward replay (memory: one stretch of parameters)."""
+        """Yield ``(t, state_t)`` for ``t = T-1, ..., stop``, recomputing each stretch between
+        checkpoints once by forward replay (memory: one stretch of states)."""
         T = len(self)
         marks = sorted(c for c in self.checkpoints if c < T)
         seg_end = T
         for c in reversed(marks):
             if seg_end <= stop:
                 break
-            thetas = [self.checkpoints[c]]
+            states = [self.checkpoints[c]]
             if seg_end - c > 1:
                 data = self.real_data(dataset)
                 for t in range(c, seg_end - 1):
-                    thetas.append(sgd_step(self, thetas[-1], t, data))
+                    states.append(sgd_step(self, states[-1], t, data))
             for t in range(seg_end - 1, c - 1, -1):
                 if t < stop:
                     break
-                yield t, thetas[t - c]
+                yield t, states[t - c]
             seg_end = c
 
     # ------------------------------------------------------------------ persistence
@@ -326,6 +350,7 @@ class GANTrajectory:
             "seed": self.seed,
             "data_fingerprint": self.data_fingerprint,
             "checkpoint_every": self.checkpoint_every,
+            "momentum": self.momentum,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -425,6 +450,7 @@ class GANTrajectory:
             checkpoint_every=int(meta["checkpoint_every"]),
             checkpoints=checkpoints,
             excluded_ids=tensors["excluded_ids"],
+            momentum=float(meta.get("momentum", 0.0)),
         )
         traj.validate(str(path))
         if dataset is not None:
@@ -435,7 +461,7 @@ class GANTrajectory:
     def validate(self, where: str = "trajectory") -> None:
         """Check the recorded arrays agree with each other; raise ValueError naming the fault."""
         T = len(self)
-        P = self.g_space.numel + self.d_space.numel
+        P = self.state_size
         for name in ("lr_d", "lr_g", "seeds_d", "seeds_g", "n_fake_d", "n_fake_g"):
             if getattr(self, name).shape != (T,):
                 raise ValueError(
@@ -456,7 +482,9 @@ class GANTrajectory:
                     f"(expected ({P},), step within 0..{T})"
                 )
             if not torch.isfinite(theta).all():
-                raise ValueError(f"{where}: checkpoint {t} holds NaN or infinite parameters")
+                raise ValueError(f"{where}: checkpoint {t} holds NaN or infinite values")
+        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
+            raise ValueError(f"{where}: momentum must be in [0, 1), got {self.momentum}")
         if not (torch.isfinite(self.lr_d).all() and torch.isfinite(self.lr_g).all()):
             raise ValueError(f"{where}: learning rates hold NaN or infinite values")
         if self.loss not in LOSSES or self.schedule not in SCHEDULES:
@@ -540,27 +568,33 @@ def kept_batch(traj: GANTrajectory, t: int, data: RealData) -> tuple[list[int], 
     return kept, data.x[data.rows(kept)], len(ids)
 
 
-def sgd_step(traj: GANTrajectory, theta: Tensor, t: int, data: RealData) -> Tensor:
-    """θ_{t+1} from θ_t: the one update function training, replay and influence share."""
+def sgd_step(traj: GANTrajectory, state: Tensor, t: int, data: RealData) -> Tensor:
+    """state_{t+1} from state_t: the one update function training, replay and influence share."""
     kind = int(traj.kinds[t])
-    ng = traj.n_g
-    theta_g = theta[:ng].detach().requires_grad_(bool(kind & UPDATE_G))
-    theta_d = theta[ng:].detach().requires_grad_(True)
+    ng, P = traj.n_g, traj.n_params
+    theta_g = state[:ng].detach().requires_grad_(bool(kind & UPDATE_G))
+    theta_d = state[ng:P].detach().requires_grad_(True)
     pg = traj.g_space.unflatten(theta_g)
     pd = traj.d_space.unflatten(theta_d)
-    new_g, new_d = theta_g.detach(), theta_d.detach()
+    mu = traj.momentum
+    new = [theta_g.detach(), theta_d.detach()]
+    vel = [state[P : P + ng], state[P + ng :]] if mu else []
     if kind & UPDATE_D:
         _, x_real, denom = kept_batch(traj, t, data)
         pg_fixed = traj.g_space.unflatten(theta_g.detach())
         loss_d = discriminator_loss(traj, pg_fixed, pd, x_real, traj.latents(t, "d"), denom)
-        (grad_d,) = torch.autograd.grad(loss_d, theta_d)
-        new_d = theta_d.detach() - float(traj.lr_d[t]) * grad_d
+        (step_d,) = torch.autograd.grad(loss_d, theta_d)
+        if mu:
+            step_d = vel[1] = mu * vel[1] + step_d
+        new[1] = theta_d.detach() - float(traj.lr_d[t]) * step_d
     if kind & UPDATE_G:
         pd_fixed = traj.d_space.unflatten(theta_d.detach())
         loss_g = generator_loss(traj, pg, pd_fixed, traj.latents(t, "g"))
-        (grad_g,) = torch.autograd.grad(loss_g, theta_g)
-        new_g = theta_g.detach() - float(traj.lr_g[t]) * grad_g
-    out = torch.cat([new_g, new_d])
+        (step_g,) = torch.autograd.grad(loss_g, theta_g)
+        if mu:
+            step_g = vel[0] = mu * vel[0] + step_g
+        new[0] = theta_g.detach() - float(traj.lr_g[t]) * step_g
+    out = torch.cat(new + vel)
     if not torch.isfinite(out).all():
         raise FloatingPointError(
             f"GAN training diverged at step {t}: parameters became NaN or infinite "
@@ -606,6 +640,7 @@ def train_gan(
     loss: str = "nonsaturating",
     weight_decay_d: float = 0.0,
     weight_decay_g: float = 0.0,
+    momentum: float = 0.0,
     n_fake: int | None = None,
     seed: int = 0,
     checkpoint_every: int = 1,
@@ -627,6 +662,7 @@ def train_gan(
             the same latents, one step per batch).
         loss: ``"nonsaturating"`` (default) or ``"minimax"`` generator loss.
         weight_decay_d, weight_decay_g: L2 coefficients added to the losses.
+        momentum: heavy-ball momentum μ in [0, 1) for both players (0: plain SGD).
         n_fake: latent vectors per update (default: ``batch_size``).
         seed: seeds the batch order and every step's latent seed.
         checkpoint_every: keep θ every k steps (1: all; larger saves memory, the steps between
@@ -651,6 +687,8 @@ def train_gan(
     for name, v in {"weight_decay_d": weight_decay_d, "weight_decay_g": weight_decay_g}.items():
         if not (math.isfinite(float(v)) and v >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
     latent_shape = getattr(generator, "latent_shape", None)
     if latent_shape is None:
         latent_dim = getattr(generator, "latent_dim", None)
@@ -735,7 +773,8 @@ def train_gan(
         n_fake_d=torch.tensor([n_fake if k & UPDATE_D else 0 for k in kinds], dtype=torch.int64),
         n_fake_g=torch.tensor([n_fake if k & UPDATE_G else 0 for k in kinds], dtype=torch.int64),
         checkpoint_every=checkpoint_every,
-        checkpoints={0: theta0},
+        checkpoints={0: torch.cat([theta0, torch.zeros_like(theta0)]) if momentum else theta0},
+        momentum=float(momentum),
         dataset=dataset,
         _data=data,
     )

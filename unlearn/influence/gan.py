@@ -219,46 +219,61 @@ class GANInfluence:
         if not torch.isfinite(value):
             raise FloatingPointError(f"the target is {value.item()} at the trained parameters")
         (u,) = torch.autograd.grad(value, theta, allow_unused=True, materialize_grads=True)
+        if traj.momentum:  # the target does not read the velocities
+            u = torch.cat([u, torch.zeros_like(u)])
         scores = torch.zeros(len(self._data), dtype=torch.float64)
-        steps: Any = traj.iter_params_backward(stop, self._dataset)
+        steps: Any = traj.iter_states_backward(stop, self._dataset)
         if self.progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, total=T - stop, desc="GAN influence (backward)")
-        for t, theta_t in steps:
-            u, rows, contrib = self._step_back(t, theta_t, u)
+        for t, state_t in steps:
+            u, rows, contrib = self._step_back(t, state_t, u)
             if rows:
                 scores.index_add_(0, torch.tensor(rows), contrib.detach().to("cpu", torch.float64))
         if not torch.isfinite(scores).all():
             raise FloatingPointError("influence scores hold NaN or infinite values")
         return scores
 
-    def _step_back(self, t: int, theta_t: Tensor, u: Tensor) -> tuple[Tensor, list[int], Tensor]:
-        """One adjoint step: (u_t, batch rows, per-instance contributions of step t)."""
+    def _step_back(self, t: int, state_t: Tensor, u: Tensor) -> tuple[Tensor, list[int], Tensor]:
+        """One adjoint step: (u_t, batch rows, per-instance contributions of step t).
+
+        ``u`` is the adjoint of the state after step t. For a moving player b the update's
+        sensitivity is c_b = η_b u_θb − u_vb (u_vb = 0 without momentum); then
+        u_θ ← u_θ − ∇_θ Σ_b ⟨c_b, g_b(θ)⟩, u_vb ← −μ c_b, and instance i contributes
+        ∂/∂w_i ⟨c_D, g_D(θ; w)⟩.
+        """
         traj = self.trajectory
         kind = int(traj.kinds[t])
-        ng = traj.n_g
-        theta_g = theta_t[:ng].detach().requires_grad_(True)
-        theta_d = theta_t[ng:].detach().requires_grad_(True)
+        ng, P, mu = traj.n_g, traj.n_params, traj.momentum
+        theta_g = state_t[:ng].detach().requires_grad_(True)
+        theta_d = state_t[ng:P].detach().requires_grad_(True)
         pg, pd = traj.g_space.unflatten(theta_g), traj.d_space.unflatten(theta_d)
         inputs = [theta_g, theta_d]
-        s = theta_t.new_zeros(())
+        s = state_t.new_zeros(())
         rows: list[int] = []
+        c_g = c_d = None
         if kind & UPDATE_D:
+            c_d = float(traj.lr_d[t]) * u[ng:P] - (u[P + ng :] if mu else 0.0)
             kept, x_real, denom = kept_batch(traj, t, self._data)
             rows = self._data.rows(kept)
-            weights = torch.ones(len(kept), dtype=theta_t.dtype, device=theta_t.device)
+            weights = torch.ones(len(kept), dtype=state_t.dtype, device=state_t.device)
             weights.requires_grad_(True)
             inputs.append(weights)
             loss_d = discriminator_loss(traj, pg, pd, x_real, traj.latents(t, "d"), denom, weights)
             (grad_d,) = torch.autograd.grad(loss_d, theta_d, create_graph=True)
-            s = s + float(traj.lr_d[t]) * (u[ng:] * grad_d).sum()
+            s = s + (c_d * grad_d).sum()
         if kind & UPDATE_G:
+            c_g = float(traj.lr_g[t]) * u[:ng] - (u[P : P + ng] if mu else 0.0)
             loss_g = generator_loss(traj, pg, pd, traj.latents(t, "g"))
             (grad_g,) = torch.autograd.grad(loss_g, theta_g, create_graph=True)
-            s = s + float(traj.lr_g[t]) * (u[:ng] * grad_g).sum()
+            s = s + (c_g * grad_g).sum()
         grads = torch.autograd.grad(s, inputs, allow_unused=True, materialize_grads=True)
-        u_prev = u - torch.cat([grads[0], grads[1]])
+        parts = [u[:P] - torch.cat([grads[0], grads[1]])]
+        if mu:
+            v_g, v_d = u[P : P + ng], u[P + ng :]
+            parts += [-mu * c_g if c_g is not None else v_g, -mu * c_d if c_d is not None else v_d]
+        u_prev = torch.cat(parts)
         if not torch.isfinite(u_prev).all():
             raise FloatingPointError(f"the influence adjoint became NaN or infinite at step {t}")
         contrib = grads[2] if len(grads) > 2 else u.new_zeros(0)
