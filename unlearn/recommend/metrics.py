@@ -123,13 +123,18 @@ def deleted_pair_scores(model_or_scores: nn.Module | Tensor, graph: InteractionG
     deleted = graph.pairs(deleted_ids)
     if len(deleted) == 0:
         raise ValueError("no deleted interaction ids given")
-    never = never_seen_pairs(graph, n_random, seed)
+    never = never_seen_pairs(graph, _available(graph, n_random), seed)
     retained = _sample_rows(graph.train_pairs(), n_random, seed)
     return {
         "deleted_mean": float(scores[deleted[:, 0], deleted[:, 1]].mean()),
         "never_seen_mean": float(scores[never[:, 0], never[:, 1]].mean()),
         "retained_mean": float(scores[retained[:, 0], retained[:, 1]].mean()),
     }
+
+
+def _available(graph: InteractionGraph, n: int) -> int:
+    """``n``, or fewer on a graph that has fewer never-seen pairs."""
+    return min(n, graph.n_users * graph.n_items - len(graph.all_keys()))
 
 
 def _sample_rows(rows: Tensor, n: int, seed: int) -> Tensor:
@@ -145,7 +150,7 @@ def membership_auc(model_or_scores: nn.Module | Tensor, graph: InteractionGraph,
     rises, towards the retrained model's values."""
     scores = _scores(model_or_scores, graph)
     deleted = graph.pairs(deleted_ids)
-    never = never_seen_pairs(graph, n_random, seed)
+    never = never_seen_pairs(graph, _available(graph, n_random), seed)
     retained = _sample_rows(graph.train_pairs(), n_random, seed)
     d = scores[deleted[:, 0], deleted[:, 1]]
     return {
