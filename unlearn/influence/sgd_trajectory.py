@@ -414,6 +414,8 @@ class SGDReplay:
             raise UnknownIdError(err.unknown) from None
         self.positions = [self.fetch.positions(s.ids) for s in trajectory.steps]
         self.n = len(dataset)
+        if self.fetch._tensors is not None:  # cheap up-front check; others fail at their step
+            check_finite_batch(self.fetch._tensors)
 
     # ---------------------------------------------------------------- weights
     def flat(self, source: WeightsSource | Tensor, what: str) -> Tensor:
