@@ -75,23 +75,32 @@ def _as_images(x: Tensor) -> Tensor:
     if x.dim() == 3 and tuple(x.shape[1:]) == (28, 28):
         return x.unsqueeze(1)
     if x.dim() != 4 or tuple(x.shape[1:]) != (1, 28, 28):
-        raise ValueError(f"expected MNIST images of shape [n, 1, 28, 28] (or [n, 784]), got "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"expected MNIST images of shape [n, 1, 28, 28] (or [n, 784]), got {tuple(x.shape)}"
+        )
     return x
 
 
 # ---------------------------------------------------------------------------- training, cache
 
 
-def train_mnist_classifier(images: Tensor, labels: Tensor, *, epochs: int = 3,
-                           batch_size: int = 64, lr: float = 0.05,
-                           seed: int = 0) -> MnistClassifier:
+def train_mnist_classifier(
+    images: Tensor,
+    labels: Tensor,
+    *,
+    epochs: int = 3,
+    batch_size: int = 64,
+    lr: float = 0.05,
+    seed: int = 0,
+) -> MnistClassifier:
     """Train :class:`MnistClassifier` with SGD (momentum 0.9) on ``images`` in [0, 1]."""
     images = _as_images(torch.as_tensor(images, dtype=torch.float32))
     labels = torch.as_tensor(labels, dtype=torch.long)
     if len(images) != len(labels) or len(images) == 0:
-        raise ValueError(f"need as many labels as images (and at least one): got {len(images)} "
-                         f"images, {len(labels)} labels")
+        raise ValueError(
+            f"need as many labels as images (and at least one): got {len(images)} "
+            f"images, {len(labels)} labels"
+        )
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, got {epochs}")
     gen = torch.Generator().manual_seed(seed)
@@ -102,7 +111,7 @@ def train_mnist_classifier(images: Tensor, labels: Tensor, *, epochs: int = 3,
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=gen)
         for start in range(0, len(images), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             loss = F.cross_entropy(model(images[idx]), labels[idx])
             opt.zero_grad()
             loss.backward()
@@ -113,9 +122,14 @@ def train_mnist_classifier(images: Tensor, labels: Tensor, *, epochs: int = 3,
     return model
 
 
-def load_or_train_mnist_classifier(mnist_root: str | os.PathLike | None, *,
-                                   cache_dir: str | os.PathLike, epochs: int = 3,
-                                   seed: int = 0, n_train: int | None = None) -> MnistClassifier:
+def load_or_train_mnist_classifier(
+    mnist_root: str | os.PathLike | None,
+    *,
+    cache_dir: str | os.PathLike,
+    epochs: int = 3,
+    seed: int = 0,
+    n_train: int | None = None,
+) -> MnistClassifier:
     """The scoring classifier for MNIST: loaded from ``cache_dir`` when a file for this
     configuration is there, else trained on real MNIST (``unlearn.data.load_mnist(mnist_root,
     train=False)``, the first ``n_train`` digits, default all) and saved there atomically.
@@ -124,8 +138,12 @@ def load_or_train_mnist_classifier(mnist_root: str | os.PathLike | None, *,
     tensors do not match raises a ``ValueError`` naming it (delete it to retrain)."""
     from unlearn.data import load_mnist
 
-    config = {"arch": "MnistClassifier-v1", "epochs": int(epochs), "seed": int(seed),
-              "n_train": None if n_train is None else int(n_train)}
+    config = {
+        "arch": "MnistClassifier-v1",
+        "epochs": int(epochs),
+        "seed": int(seed),
+        "n_train": None if n_train is None else int(n_train),
+    }
     tag = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir) / f"mnist_classifier_{tag}.pt"
     if path.is_file():
@@ -154,16 +172,19 @@ def _load_classifier(path: Path, config: dict) -> MnistClassifier:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         saved, state = blob["config"], blob["state_dict"]
     except Exception as err:
-        raise ValueError(f"{path}: not a readable classifier file ({type(err).__name__}: {err}); "
-                         "delete it to retrain") from err
+        raise ValueError(
+            f"{path}: not a readable classifier file ({type(err).__name__}: {err}); "
+            "delete it to retrain"
+        ) from err
     if saved != config:
         raise ValueError(f"{path}: trained with {saved}, expected {config}; delete it to retrain")
     model = MnistClassifier()
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not fit MnistClassifier ({err}); delete it to "
-                         "retrain") from err
+        raise ValueError(
+            f"{path}: weights do not fit MnistClassifier ({err}); delete it to retrain"
+        ) from err
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -180,15 +201,19 @@ def _to_unit_range(x: Tensor, value_range: tuple[float, float]) -> Tensor:
     return (x - lo) / (hi - lo)
 
 
-def classifier_features(classifier: MnistClassifier, images: Tensor, *,
-                        value_range: tuple[float, float] = (0.0, 1.0),
-                        batch_size: int = 1000) -> tuple[Tensor, Tensor]:
+def classifier_features(
+    classifier: MnistClassifier,
+    images: Tensor,
+    *,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    batch_size: int = 1000,
+) -> tuple[Tensor, Tensor]:
     """``(features [n, FEATURE_DIM], log-probabilities [n, 10])`` of ``images`` (pixels in
     ``value_range``), in batches; differentiable when ``images`` requires grad."""
     _check_samples(images)
     feats, logps = [], []
     for start in range(0, len(images), batch_size):
-        x = _to_unit_range(images[start:start + batch_size], value_range)
+        x = _to_unit_range(images[start : start + batch_size], value_range)
         f = classifier.features(x)
         feats.append(f)
         logps.append(F.log_softmax(classifier.fc2(f), dim=1))
@@ -216,8 +241,14 @@ def _sym_sqrt(a: Tensor) -> Tensor:
     return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
 
 
-def frechet_distance(mu1: Tensor, cov1_sqrt: Tensor, cov1_trace: Tensor, mu2: Tensor,
-                     cov2: Tensor, eps: float = 1e-12) -> Tensor:
+def frechet_distance(
+    mu1: Tensor,
+    cov1_sqrt: Tensor,
+    cov1_trace: Tensor,
+    mu2: Tensor,
+    cov2: Tensor,
+    eps: float = 1e-12,
+) -> Tensor:
     """Fréchet distance between N(mu1, cov1) and N(mu2, cov2), given ``cov1``'s symmetric
     square root and trace (fixed reference) and ``cov2`` (differentiable)."""
     middle = cov1_sqrt @ cov2 @ cov1_sqrt
@@ -225,7 +256,7 @@ def frechet_distance(mu1: Tensor, cov1_sqrt: Tensor, cov1_trace: Tensor, mu2: Te
     # clamp: tiny negative eigenvalues from round-off; + eps: sqrt's infinite slope at 0 (the
     # shift by sqrt(eps) keeps a zero eigenvalue, e.g. a dead ReLU feature, at exactly 0)
     vals = torch.linalg.eigvalsh(middle).clamp_min(0)
-    tr_sqrt = ((vals + eps).sqrt() - eps ** 0.5).sum()
+    tr_sqrt = ((vals + eps).sqrt() - eps**0.5).sum()
     return (mu1 - mu2).square().sum() + cov1_trace + torch.diagonal(cov2).sum() - 2 * tr_sqrt
 
 
@@ -237,8 +268,13 @@ class FrechetDistance:
     higher_is_better = False
     name = "fid"
 
-    def __init__(self, classifier: MnistClassifier, real: Tensor, *,
-                 value_range: tuple[float, float] = (0.0, 1.0)) -> None:
+    def __init__(
+        self,
+        classifier: MnistClassifier,
+        real: Tensor,
+        *,
+        value_range: tuple[float, float] = (0.0, 1.0),
+    ) -> None:
         _check_samples(real, at_least=2)
         self.classifier = classifier
         self.value_range = value_range
@@ -259,7 +295,8 @@ def inception_score(log_probs: Tensor) -> Tensor:
     """``exp(mean_x KL(p(y|x) || p(y)))`` from per-sample class log-probabilities ``[n, c]``."""
     log_probs = log_probs.to(torch.float64)
     log_marginal = torch.logsumexp(log_probs, dim=0) - torch.log(
-        torch.tensor(float(len(log_probs)), dtype=torch.float64))
+        torch.tensor(float(len(log_probs)), dtype=torch.float64)
+    )
     kl = (log_probs.exp() * (log_probs - log_marginal)).sum(1)
     return kl.mean().exp()
 
@@ -271,8 +308,9 @@ class InceptionScore:
     higher_is_better = True
     name = "is"
 
-    def __init__(self, classifier: MnistClassifier, *,
-                 value_range: tuple[float, float] = (0.0, 1.0)) -> None:
+    def __init__(
+        self, classifier: MnistClassifier, *, value_range: tuple[float, float] = (0.0, 1.0)
+    ) -> None:
         self.classifier = classifier
         self.value_range = value_range
 
