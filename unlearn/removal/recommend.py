@@ -1,0 +1,471 @@
+"""UnlearnRec: a pre-trained influence encoder that removes interactions from a LightGCN.
+
+After Chen, Xia and Huang, "Pre-training for Recommendation Unlearning" (SIGIR 2025). The
+backbone (a ``torch_geometric.nn.models.LightGCN`` over users ``0..U-1`` and items ``U..U+I-1``)
+stays frozen; only its layer-0 embedding table ``E`` changes. For a set of deleted
+interactions the :class:`InfluenceEncoder` predicts ``ΔE`` from
+
+* learnable influence embeddings ``H`` (one row per node) propagated over the graph of the
+  *deleted* edges (symmetrically normalised by the deleted graph's own degrees), LightGCN
+  style: ``Σ_{l=1..L} Â_Δ^l H``;
+* a per-node withdraw rate ``η``: ``Σ_l Â_Δ^l (η ⊙ E)`` is taken back, i.e. each endpoint of a
+  deleted edge gives back a learned fraction of the pull its deleted neighbours exerted on it;
+* a bias-free MLP correction of that difference (bias-free so that a node the request never
+  touches gets exactly ``ΔE = 0``).
+
+``E + ΔE`` then goes through the frozen backbone on the *remaining* graph, which also removes
+the deleted edges from message passing. Pre-training fits the encoder to simulated requests
+(random edge drops and random whole users of the training graph) with four losses:
+
+* model: BPR on remaining edges against random items;
+* unlearning: a deleted pair's score above the mean score of random items of the same user is
+  penalised (a hinge, so deleted pairs are pushed to the level of non-interacted items, not
+  far below it: pushing them lower would itself reveal that they were deleted);
+* preservation: squared error between the new and the original model's scores on remaining
+  edges and random pairs;
+* contrast: InfoNCE between the encoder outputs of two edge-dropout views of the same
+  request, so the encoder generalises to requests it has not seen.
+
+A real request costs one encoder pass and ``finetune_steps`` steps of the same losses on that
+request (on a private copy of the pre-trained encoder, which stays unchanged for the next
+request). Pre-training time is reported apart from the request's seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unlearn.recommend.data import InteractionGraph
+from unlearn.recommend.protocol import RecRemovalMethod
+from unlearn.removal.base import RemovalResult
+
+__all__ = ["UnlearnRecConfig", "InfluenceEncoder", "UnlearnRec", "RecEdges",
+           "normalized_adjacency", "lightgcn_embeddings", "pair_scores"]
+
+
+# ---------------------------------------------------------------------------- graph helpers
+
+
+@dataclass(frozen=True)
+class RecEdges:
+    """User-item interactions as tensors: ``users[k]``, ``items[k]`` (0-based item index) and
+    the stable interaction id ``ids[k]``."""
+
+    users: Tensor
+    items: Tensor
+    ids: Tensor
+    num_users: int
+    num_items: int
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_users + self.num_items
+
+    def __len__(self) -> int:
+        return int(self.users.numel())
+
+    def select(self, mask: Tensor) -> RecEdges:
+        return RecEdges(self.users[mask], self.items[mask], self.ids[mask], self.num_users,
+                        self.num_items)
+
+    def keys(self) -> Tensor:
+        """One integer per (user, item) pair, for membership tests."""
+        return self.users * self.num_items + self.items
+
+    def edge_index(self) -> Tensor:
+        """Both directions, items offset by ``num_users`` (the LightGCN node numbering)."""
+        u, i = self.users, self.items + self.num_users
+        return torch.stack([torch.cat([u, i]), torch.cat([i, u])])
+
+
+def normalized_adjacency(users: Tensor, items: Tensor, num_users: int, num_nodes: int,
+                         dtype: torch.dtype = torch.float32) -> Tensor:
+    """``D^-1/2 A D^-1/2`` of the bipartite graph (both directions, no self-loops) as a
+    coalesced sparse COO matrix: the propagation matrix of torch-geometric's ``LGConv``."""
+    row = torch.cat([users, items + num_users])
+    col = torch.cat([items + num_users, users])
+    deg = torch.bincount(row, minlength=num_nodes).to(dtype)
+    inv = deg.pow(-0.5)
+    inv[deg == 0] = 0.0
+    val = inv[row] * inv[col]
+    return torch.sparse_coo_tensor(torch.stack([row, col]), val, (num_nodes, num_nodes),
+                                   check_invariants=False).coalesce()
+
+
+def lightgcn_embeddings(model: nn.Module, layer0: Tensor, adj: Tensor) -> Tensor:
+    """The backbone's final embeddings ``Σ_l α_l Â^l E`` for layer-0 embeddings ``layer0``
+    (equal to ``model.get_embedding(edge_index)`` when ``layer0`` is its own table)."""
+    alpha = model.alpha.to(layer0.dtype)
+    x, out = layer0, layer0 * alpha[0]
+    for layer in range(model.num_layers):
+        x = adj @ x
+        out = out + x * alpha[layer + 1]
+    return out
+
+
+def pair_scores(final: Tensor, users: Tensor, items: Tensor, num_users: int) -> Tensor:
+    """LightGCN scores: the dot product of the user's and the item's final embeddings."""
+    return (final[users] * final[items + num_users]).sum(-1)
+
+
+def _propagate(adj: Tensor, x: Tensor, layers: int) -> Tensor:
+    """``Σ_{l=1..L} adj^l x``: zero on every node the deleted-edge graph does not touch."""
+    out = torch.zeros_like(x)
+    for _ in range(layers):
+        x = adj @ x
+        out = out + x
+    return out
+
+
+# ---------------------------------------------------------------------------- the encoder
+
+
+class InfluenceEncoder(nn.Module):
+    """``ΔE = z + MLP(z)`` with ``z = Σ_l Â_Δ^l H − Σ_l Â_Δ^l (η ⊙ E)`` (module docstring)."""
+
+    def __init__(self, num_nodes: int, dim: int, *, layers: int = 2, hidden: int = 64,
+                 init_withdraw: float = 0.1, init_std: float = 0.01) -> None:
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        self.layers = int(layers)
+        self.influence = nn.Parameter(torch.randn(num_nodes, dim) * init_std)
+        self.withdraw = nn.Parameter(torch.full((num_nodes, 1), float(init_withdraw)))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.ReLU(),
+                                 nn.Linear(hidden, dim, bias=False))
+        nn.init.zeros_(self.mlp[2].weight)  # the correction starts at zero and is learned
+
+    def forward(self, deleted_adj: Tensor, base: Tensor) -> Tensor:
+        z = (_propagate(deleted_adj, self.influence, self.layers)
+             - _propagate(deleted_adj, self.withdraw * base, self.layers))
+        return z + self.mlp(z)
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class UnlearnRecConfig:
+    """Hyper-parameters of the encoder, its pre-training and the per-request fine-tuning."""
+
+    layers: int = 2  # propagation depth over the deleted-edge graph
+    hidden: int = 64
+    pretrain_steps: int = 150
+    drop_rate: float = 0.05  # share of training edges a simulated request removes
+    user_request_share: float = 0.5  # simulated requests that remove whole users
+    lr: float = 0.01
+    finetune_steps: int = 10
+    finetune_lr: float = 0.01
+    batch_size: int = 4096  # remaining edges / random pairs per step
+    negatives: int = 4  # random items per deleted pair for the unlearning hinge
+    lambda_model: float = 1.0
+    lambda_unlearn: float = 1.0
+    lambda_preserve: float = 0.1
+    lambda_contrast: float = 0.01
+    contrast_dropout: float = 0.2
+    contrast_nodes: int = 256
+    temperature: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive_ints = ("layers", "hidden", "batch_size", "negatives", "contrast_nodes")
+        for name in positive_ints:
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("pretrain_steps", "finetune_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        for name in ("drop_rate", "contrast_dropout"):
+            v = getattr(self, name)
+            if not 0 < v < 1:
+                raise ValueError(f"{name} must lie in (0, 1), got {v!r}")
+        if not 0 <= self.user_request_share <= 1:
+            raise ValueError(f"user_request_share must lie in [0, 1], got "
+                             f"{self.user_request_share!r}")
+        for name in ("lr", "finetune_lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("lambda_model", "lambda_unlearn", "lambda_preserve", "lambda_contrast"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+
+
+# ---------------------------------------------------------------------------- one request
+
+
+@dataclass
+class _Request:
+    """What the losses need about one (simulated or real) request."""
+
+    deleted: RecEdges
+    remaining: RecEdges
+    deleted_adj: Tensor
+    remaining_adj: Tensor
+
+
+def _make_request(graph: RecEdges, drop: Tensor) -> _Request:
+    deleted, remaining = graph.select(drop), graph.select(~drop)
+    n = graph.num_nodes
+    return _Request(
+        deleted, remaining,
+        normalized_adjacency(deleted.users, deleted.items, graph.num_users, n),
+        normalized_adjacency(remaining.users, remaining.items, graph.num_users, n))
+
+
+def _drop_view(deleted: RecEdges, rate: float, gen: torch.Generator) -> Tensor:
+    keep = torch.rand(len(deleted), generator=gen) >= rate
+    if not keep.any():
+        keep[0] = True
+    kept = deleted.select(keep)
+    return normalized_adjacency(kept.users, kept.items, deleted.num_users, deleted.num_nodes)
+
+
+@dataclass
+class _Context:
+    """The fixed parts of a fit: the backbone, its layer-0 and final embeddings, the training
+    graph's pair keys (to skip interacted items when sampling negatives)."""
+
+    model: nn.Module
+    base: Tensor
+    original_final: Tensor
+    train_keys: Tensor
+
+
+def _random_items(users: Tensor, num_items: int, train_keys: Tensor,
+                  gen: torch.Generator) -> Tensor:
+    """An item per user, resampled once where it hits a training interaction (ML-100K is 6 %
+    dense, so one round leaves ~0.4 % collisions, harmless as negatives)."""
+    items = torch.randint(num_items, users.shape, generator=gen)
+    hit = torch.isin(users * num_items + items, train_keys)
+    if hit.any():
+        items[hit] = torch.randint(num_items, (int(hit.sum()),), generator=gen)
+    return items
+
+
+def _sample(n: int, k: int, gen: torch.Generator) -> Tensor:
+    return torch.randperm(n, generator=gen)[:k] if n > k else torch.arange(n)
+
+
+def _losses(encoder: InfluenceEncoder, ctx: _Context, req: _Request, cfg: UnlearnRecConfig,
+            gen: torch.Generator) -> dict[str, Tensor]:
+    g = req.remaining
+    nu, ni = g.num_users, g.num_items
+    delta = encoder(req.deleted_adj, ctx.base)
+    final = lightgcn_embeddings(ctx.model, ctx.base + delta, req.remaining_adj)
+
+    # model loss: BPR on remaining edges
+    pick = _sample(len(g), cfg.batch_size, gen)
+    u, i = g.users[pick], g.items[pick]
+    j = _random_items(u, ni, ctx.train_keys, gen)
+    model_loss = -F.logsigmoid(pair_scores(final, u, i, nu) - pair_scores(final, u, j, nu)).mean()
+
+    # unlearning loss: deleted pairs no higher than random items of the same user
+    d = req.deleted.select(_sample(len(req.deleted), cfg.batch_size, gen))
+    du = d.users.repeat_interleave(cfg.negatives)
+    neg = pair_scores(final, du, _random_items(du, ni, ctx.train_keys, gen), nu)
+    neg = neg.view(-1, cfg.negatives).mean(1)
+    unlearn_loss = F.relu(pair_scores(final, d.users, d.items, nu) - neg).mean()
+
+    # preservation loss: remaining edges and random pairs keep their original scores
+    ru = torch.cat([u, torch.randint(nu, (cfg.batch_size,), generator=gen)])
+    ri = torch.cat([i, torch.randint(ni, (cfg.batch_size,), generator=gen)])
+    preserve_loss = F.mse_loss(pair_scores(final, ru, ri, nu),
+                               pair_scores(ctx.original_final, ru, ri, nu))
+
+    out = {"model": model_loss, "unlearn": unlearn_loss, "preserve": preserve_loss}
+    if cfg.lambda_contrast > 0:
+        out["contrast"] = _contrast(encoder, ctx, req, cfg, gen)
+    return out
+
+
+def _contrast(encoder: InfluenceEncoder, ctx: _Context, req: _Request, cfg: UnlearnRecConfig,
+              gen: torch.Generator) -> Tensor:
+    """InfoNCE between two edge-dropout views of the request, over the nodes it touches."""
+    d = req.deleted
+    touched = torch.unique(torch.cat([d.users, d.items + d.num_users]))
+    nodes = touched[_sample(touched.numel(), cfg.contrast_nodes, gen)]
+    if nodes.numel() < 2:
+        return ctx.base.new_zeros(())
+    z1 = F.normalize(encoder(_drop_view(d, cfg.contrast_dropout, gen), ctx.base)[nodes], dim=1)
+    z2 = F.normalize(encoder(_drop_view(d, cfg.contrast_dropout, gen), ctx.base)[nodes], dim=1)
+    logits = z1 @ z2.T / cfg.temperature
+    return F.cross_entropy(logits, torch.arange(nodes.numel()))
+
+
+def _total(losses: dict[str, Tensor], cfg: UnlearnRecConfig) -> Tensor:
+    return (cfg.lambda_model * losses["model"] + cfg.lambda_unlearn * losses["unlearn"]
+            + cfg.lambda_preserve * losses["preserve"]
+            + cfg.lambda_contrast * losses.get("contrast", losses["model"].new_zeros(())))
+
+
+# ---------------------------------------------------------------------------- the method
+
+
+@dataclass
+class PretrainReport:
+    """What pre-training cost and how its losses ended (mean of the last 10 steps)."""
+
+    seconds: float
+    steps: int
+    final_losses: dict[str, float] = field(default_factory=dict)
+
+
+class UnlearnRec(RecRemovalMethod):
+    """The removal method on the recommender protocol. ``pretrain(model, graph)`` once (or
+    let the first request do it), then ``unlearn(model, graph, forget_ids)`` per request; the
+    pre-training time is reported in ``details['pretrain_seconds']`` (this call's) and
+    ``details['pretrain_seconds_total']``, never in ``seconds``."""
+
+    name = "unlearnrec"
+
+    def __init__(self, config: UnlearnRecConfig | None = None, **overrides: Any) -> None:
+        base = config or UnlearnRecConfig()
+        self.config = UnlearnRecConfig(**{**asdict(base), **overrides}) if overrides else base
+        self.encoder: InfluenceEncoder | None = None
+        self.pretrain_report: PretrainReport | None = None
+        self._fingerprint: str | None = None
+
+    # --------------------------------------------------------------- pre-training
+
+    def pretrain(self, model: nn.Module, graph: InteractionGraph) -> PretrainReport:
+        """Fit the encoder to simulated requests on ``graph`` (the model's training graph)."""
+        if not isinstance(graph, InteractionGraph):
+            raise TypeError(f"graph must be an InteractionGraph, got {type(graph).__name__}")
+        self._check_model(model, graph)
+        edges = as_rec_edges(graph)
+        emb = model.embedding.weight
+        cfg = self.config
+        start = time.perf_counter()
+        gen = torch.Generator().manual_seed(cfg.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            encoder = InfluenceEncoder(edges.num_nodes, emb.shape[1], layers=cfg.layers,
+                                       hidden=cfg.hidden).to(emb.dtype)
+        ctx = _context(model, edges)
+        opt = torch.optim.Adam(encoder.parameters(), lr=cfg.lr)
+        history: list[dict[str, float]] = []
+        for _ in range(cfg.pretrain_steps):
+            req = _make_request(edges, _simulated_drop(edges, cfg, gen))
+            losses = _losses(encoder, ctx, req, cfg, gen)
+            opt.zero_grad()
+            _total(losses, cfg).backward()
+            opt.step()
+            history.append({k: float(v.detach()) for k, v in losses.items()})
+        tail = history[-10:]
+        final = {k: sum(h[k] for h in tail) / len(tail) for k in tail[0]} if tail else {}
+        self.encoder = encoder.requires_grad_(False)
+        self._fingerprint = _fingerprint(emb)
+        self.pretrain_report = PretrainReport(time.perf_counter() - start, cfg.pretrain_steps,
+                                              final)
+        return self.pretrain_report
+
+    def is_pretrained_for(self, model: nn.Module) -> bool:
+        """Whether the encoder was pre-trained on exactly these embeddings."""
+        emb = getattr(getattr(model, "embedding", None), "weight", None)
+        return (self.encoder is not None and isinstance(emb, Tensor)
+                and _fingerprint(emb) == self._fingerprint)
+
+    # --------------------------------------------------------------- a request
+
+    def _check_model(self, model: nn.Module, graph: InteractionGraph) -> None:
+        emb = getattr(getattr(model, "embedding", None), "weight", None)
+        if not isinstance(emb, Tensor) or not hasattr(model, "alpha") \
+                or not hasattr(model, "num_layers"):
+            raise TypeError(f"UnlearnRec needs a torch_geometric LightGCN (embedding, alpha, "
+                            f"num_layers), got {type(model).__name__}")
+        if emb.shape[0] != graph.num_nodes:
+            raise ValueError(f"the model has {emb.shape[0]} nodes but the graph has "
+                             f"{graph.n_users} users + {graph.n_items} items = "
+                             f"{graph.num_nodes}")
+        if not bool(torch.isfinite(emb).all()):
+            raise ValueError("the model's embeddings contain NaN/inf")
+
+    def unlearn(self, model: nn.Module, graph: InteractionGraph, forget_ids: Any
+                ) -> RemovalResult:
+        """Forget the training interactions ``forget_ids`` of ``graph``. Pre-trains first
+        (outside the request's timer) when the encoder does not fit this model's size; an
+        encoder pre-trained on an earlier version of the model (e.g. before a previous
+        request) is reused, as in the paper's sequential requests."""
+        pretrain_seconds = 0.0
+        if isinstance(model, nn.Module) and isinstance(graph, InteractionGraph):
+            self._check_model(model, graph)
+            emb = model.embedding.weight
+            if self.encoder is None or tuple(self.encoder.influence.shape) != tuple(emb.shape):
+                graph.check_train_ids(forget_ids)  # a bad request fails before pre-training
+                pretrain_seconds = self.pretrain(model, graph).seconds
+        result = super().unlearn(model, graph, forget_ids)
+        result.details["pretrain_seconds"] = pretrain_seconds
+        result.details["pretrain_seconds_total"] = (
+            self.pretrain_report.seconds if self.pretrain_report else None)
+        return result
+
+    def _unlearn(self, model: nn.Module, graph: InteractionGraph, forget_ids: Tensor,
+                 remaining: InteractionGraph) -> tuple[nn.Module, dict[str, Any]]:
+        assert self.encoder is not None
+        cfg = self.config
+        edges = as_rec_edges(graph)
+        pretrained_here = self.is_pretrained_for(model)
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        ctx = _context(model, edges)
+        req = _make_request(edges, torch.isin(edges.ids, forget_ids))
+        encoder = copy.deepcopy(self.encoder).requires_grad_(True)
+        opt = torch.optim.Adam(encoder.parameters(), lr=cfg.finetune_lr)
+        last: dict[str, float] = {}
+        for _ in range(cfg.finetune_steps):
+            losses = _losses(encoder, ctx, req, cfg, gen)
+            opt.zero_grad()
+            _total(losses, cfg).backward()
+            opt.step()
+            last = {k: float(v.detach()) for k, v in losses.items()}
+        with torch.no_grad():
+            delta = encoder(req.deleted_adj, ctx.base)
+            model.embedding.weight.add_(delta)
+        return model, {"n_retain": remaining.n_train, "finetune_steps": cfg.finetune_steps,
+                       "finetune_losses": last, "delta_norm": float(delta.norm()),
+                       "changed_nodes": int((delta.abs().sum(1) > 0).sum()),
+                       "pretrained_on_this_model": pretrained_here, "config": asdict(cfg)}
+
+
+def _context(model: nn.Module, edges: RecEdges) -> _Context:
+    base = model.embedding.weight.detach().clone()
+    adj = normalized_adjacency(edges.users, edges.items, edges.num_users, edges.num_nodes,
+                               base.dtype)
+    with torch.no_grad():
+        final = lightgcn_embeddings(model, base, adj)
+    return _Context(model, base, final, torch.sort(edges.keys()).values)
+
+
+def _simulated_drop(edges: RecEdges, cfg: UnlearnRecConfig, gen: torch.Generator) -> Tensor:
+    """A random request: ``drop_rate`` of the edges, either at random or as whole users."""
+    n = len(edges)
+    if float(torch.rand((), generator=gen)) < cfg.user_request_share:
+        order = torch.randperm(edges.num_users, generator=gen)
+        counts = torch.bincount(edges.users, minlength=edges.num_users)[order]
+        take = int(torch.searchsorted(torch.cumsum(counts, 0), cfg.drop_rate * n)) + 1
+        drop = torch.isin(edges.users, order[:take])
+    else:
+        drop = torch.rand(n, generator=gen) < cfg.drop_rate
+    if drop.all():
+        drop[0] = False
+    return drop
+
+
+def _fingerprint(emb: Tensor) -> str:
+    return hashlib.sha256(emb.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def as_rec_edges(graph: InteractionGraph) -> RecEdges:
+    """The training interactions of ``graph`` as a :class:`RecEdges`."""
+    ids = graph.train_ids
+    pairs = graph.interactions[ids]
+    return RecEdges(pairs[:, 0], pairs[:, 1], ids, graph.n_users, graph.n_items)
