@@ -95,14 +95,22 @@ class MLPDiscriminator(nn.Module):
 
 
 class DCGenerator(nn.Module):
-    """Latent ``[B, latent_dim]`` → image ``[B, 1, 28, 28]`` in ``[0, 1]`` (sigmoid output).
+    """Latent ``[B, latent_dim]`` → image ``[B, 1, 28, 28]``.
 
     Linear to a ``2w × 7 × 7`` map, then two stride-2 transposed convolutions (7 → 14 → 28).
+    ``output``: ``"sigmoid"`` (images in (0, 1)) or ``"linear"`` (unbounded; clamp to [0, 1]
+    for display). With plain SGD the sigmoid output tends to saturate at black early (its
+    gradient vanishes there); the linear output keeps G's gradient alive.
     """
 
-    def __init__(self, latent_dim: int = 32, width: int = 16) -> None:
+    def __init__(
+        self, latent_dim: int = 32, width: int = 16, output: str = "sigmoid", norm: bool = True
+    ) -> None:
         super().__init__()
         _check_positive(latent_dim=latent_dim, width=width)
+        if output not in ("sigmoid", "linear"):
+            raise ValueError(f"output must be 'sigmoid' or 'linear', got {output!r}")
+        self.output = output
         self.latent_dim = latent_dim
         self.latent_shape = (latent_dim,)
         self.width = width
@@ -110,15 +118,22 @@ class DCGenerator(nn.Module):
             "kind": "dc_generator",
             "latent_dim": latent_dim,
             "width": width,
+            "output": output,
+            "norm": norm,
         }
         self.fc = nn.Linear(latent_dim, 2 * width * 7 * 7)
         self.up1 = nn.ConvTranspose2d(2 * width, width, 4, stride=2, padding=1)
         self.up2 = nn.ConvTranspose2d(width, 1, 4, stride=2, padding=1)
+        # group normalisation works per sample, so it keeps instances independent (unlike
+        # batch normalisation) while steadying SGD training
+        self.norm1 = nn.GroupNorm(min(8, 2 * width), 2 * width) if norm else nn.Identity()
+        self.norm2 = nn.GroupNorm(min(8, width), width) if norm else nn.Identity()
 
     def forward(self, z: Tensor) -> Tensor:
-        h = torch.relu(self.fc(z)).reshape(len(z), 2 * self.width, 7, 7)
-        h = torch.relu(self.up1(h))
-        return torch.sigmoid(self.up2(h))
+        h = torch.relu(self.norm1(self.fc(z).reshape(len(z), 2 * self.width, 7, 7)))
+        h = torch.relu(self.norm2(self.up1(h)))
+        out = self.up2(h)
+        return torch.sigmoid(out) if self.output == "sigmoid" else out
 
 
 class DCDiscriminator(nn.Module):
@@ -180,9 +195,21 @@ def gan_2d(
 
 
 def gan_mnist(
-    latent_dim: int = 32, width: int = 16, seed: int = 0, dtype: torch.dtype = torch.float32
+    latent_dim: int = 32,
+    width: int = 16,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    output: str = "sigmoid",
+    norm: bool = True,
 ) -> tuple[DCGenerator, DCDiscriminator]:
-    """A small DCGAN-style pair for 28×28 MNIST, initialised from ``seed``."""
+    """A small DCGAN-style pair for 28×28 MNIST, initialised from ``seed``.
+
+    Measured recipe (5,000 t10k digits, 2-core CPU): ``train_gan(g, d, data, epochs=10,
+    batch_size=64, lr_d=0.02, lr_g=0.02, momentum=0.5)`` takes about 40 s and gives digit-like
+    strokes. Without the generator's group normalisation, SGD (with or without momentum 0.5,
+    lr 0.01-0.05) collapsed to black images in our runs.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return DCGenerator(latent_dim, width).to(dtype), DCDiscriminator(width).to(dtype)
+        g = DCGenerator(latent_dim, width, output, norm).to(dtype)
+        return g, DCDiscriminator(width).to(dtype)
