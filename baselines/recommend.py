@@ -200,7 +200,7 @@ class InfluenceRec(RecRemovalMethod):
 
     name = "influence"
 
-    def __init__(self, damping: float = 0.01, k_hops: int | None = None, reg: float = 1e-4,
+    def __init__(self, damping: float = 0.1, k_hops: int | None = None, reg: float = 1e-4,
                  cg_iters: int = 100, cg_tol: float = 1e-5, scale: float = 1.0,
                  neg_seed: int = 0, curvature: str = "ggn") -> None:
         if curvature not in ("ggn", "hessian"):
