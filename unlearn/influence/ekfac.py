@@ -34,8 +34,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from unlearn.influence.base import InfluenceEstimator
-from unlearn.influence.grads import check_finite_batch, model_dtype_device, to_model
+from unlearn.influence.base import InfluenceEstimator, _check_count, _ScoreSink
+from unlearn.influence.eigen_scores import EigenBasis, EigenQueries, rotated_batches, self_scores
+from unlearn.influence.grads import check_finite_batch, check_loader, model_dtype_device, to_model
+from unlearn.influence.hook_grads import Capture as _Capture
 from unlearn.influence.layers import LayerAdapter, adapter_for, supported_types
 from unlearn.tasks import Task
 
@@ -316,6 +318,80 @@ class KFACInfluence(InfluenceEstimator):
         return out
 
 
+    # ----------------------------------------------------------------- scoring
+    def _eigen_scoring(self) -> bool:
+        """Score in the eigenbasis unless a subclass changed how gradients are transformed
+        or preconditioned (then the generic dense path of the base class is used)."""
+        cls = type(self)
+        return (cls._transform is InfluenceEstimator._transform
+                and cls._precondition is KFACInfluence._precondition)
+
+    def _bases(self, dtype: torch.dtype) -> list[EigenBasis]:
+        out = []
+        for layer in self.layers:
+            lam = self.factors[_key(layer, "lambda")].to(dtype)
+            if self.damping == 0 and bool((lam <= _rank_tol(lam)).any()):
+                raise FloatingPointError(
+                    f"layer {layer.name!r}: the curvature has zero eigenvalues and damping=0, "
+                    "so (H + λI) is singular; use damping > 0")
+            qa = None if layer.diagonal_a else self.factors[_key(layer, "qa")].to(dtype)
+            out.append(EigenBasis(layer, self.factors[_key(layer, "qg")].to(dtype), qa,
+                                  lam + self.damping))
+        return out
+
+    def _rotated(self, loader: DataLoader, bases: list[EigenBasis], desc: str,
+                 query: bool = False) -> Any:
+        total = len(loader) if hasattr(loader, "__len__") else None
+        return rotated_batches(self.model, self.task, loader, self.space, bases, self._clone,
+                               query=query, progress=lambda it: self._bar(it, desc, total))
+
+    def scores(self, query_loader: DataLoader, train_loader: DataLoader, *,
+               top_k: int | None = None, out: Any = None) -> Any:
+        """As :meth:`InfluenceEstimator.scores`, computed in the Kronecker eigenbasis from
+        layer hooks (:mod:`unlearn.influence.eigen_scores`): no ``[B, P]`` per-sample
+        gradients, queries preconditioned once."""
+        if not self._eigen_scoring():
+            return super().scores(query_loader, train_loader, top_k=top_k, out=out)
+        self._require_fitted()
+        check_loader(query_loader, "query_loader")
+        check_loader(train_loader, "train_loader")
+        if top_k is not None and out is not None:
+            raise ValueError("choose one of top_k and out, not both")
+        dtype, _ = model_dtype_device(self.model)
+        bases = self._bases(dtype)
+        queries = EigenQueries(bases, self.query_rank)
+        for batch in self._rotated(query_loader, bases, "queries", query=True):
+            queries.add(batch)
+        n_cols = len(train_loader.dataset)  # type: ignore[arg-type]
+        sink = _ScoreSink(queries.n, n_cols, top_k, out, queries.dtype)
+        col, scale = 0, self._score_scale()
+        try:
+            for batch in self._rotated(train_loader, bases, "scoring"):
+                _check_count("train_loader", col + batch.size, n_cols, at_most=True)
+                sink.add(col, queries.dot(batch) * scale)
+                col += batch.size
+            _check_count("train_loader", col, n_cols)
+        except BaseException:
+            sink.abort()
+            raise
+        return sink.result()
+
+    def self_influence(self, train_loader: DataLoader) -> Tensor:
+        if not self._eigen_scoring():
+            return super().self_influence(train_loader)
+        self._require_fitted()
+        check_loader(train_loader, "train_loader")
+        dtype, _ = model_dtype_device(self.model)
+        bases = self._bases(dtype)
+        scale = self._score_scale()
+        parts = [self_scores(bases, b) * scale
+                 for b in self._rotated(train_loader, bases, "self-influence")]
+        result = torch.cat(parts)
+        _check_count("train_loader", result.shape[0],
+                     len(train_loader.dataset))  # type: ignore[arg-type]
+        return result
+
+
 class EKFACInfluence(KFACInfluence):
     name = "ekfac"
     corrected = True
@@ -351,83 +427,6 @@ class _Stats:
     def add(self, what: str, value: Tensor) -> None:
         cur = getattr(self, what)
         setattr(self, what, value if cur is None else cur + value)
-
-
-@dataclass
-class _Record:
-    activations: Tensor
-    output: Tensor
-    in_tensor: Tensor | None
-    in_version: int
-    out_version: int
-
-
-class _Capture:
-    """Forward hooks that record each covered layer's activations and output tensor; removed
-    on exit, exceptions included."""
-
-    def __init__(self, layers: list[LayerAdapter], clone: set[str]) -> None:
-        self.layers = layers
-        self.clone = clone
-        self.records: dict[str, list[_Record]] = {layer.name: [] for layer in layers}
-        self.handles: list[Any] = []
-
-    def __enter__(self) -> _Capture:
-        try:
-            for layer in self.layers:
-                self.handles.append(layer.module.register_forward_hook(self._hook(layer)))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-        self.clear()
-
-    def _hook(self, layer: LayerAdapter) -> Any:
-        def hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
-            x = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
-            a = layer.activations(tuple(t.detach() if isinstance(t, Tensor) else t
-                                        for t in inputs))
-            copy = layer.name in self.clone
-            if copy:
-                a = a.clone()
-            self.records[layer.name].append(_Record(
-                a, output, x, x._version if x is not None else 0, output._version))
-            return output.clone() if copy else None
-
-        return hook
-
-    def clear(self) -> None:
-        for recs in self.records.values():
-            recs.clear()
-
-    def stale(self) -> set[str]:
-        """Layers whose recorded input or output was later modified in place."""
-        out = set()
-        for name, recs in self.records.items():
-            for r in recs:
-                moved_in = r.in_tensor is not None and r.in_tensor._version != r.in_version
-                if moved_in or r.output._version != r.out_version:
-                    out.add(name)
-        return out
-
-    def activations(self, layer: LayerAdapter) -> Tensor:
-        """``a`` of every call of ``layer`` in this batch, concatenated along positions."""
-        recs = self.records[layer.name]
-        if not recs:
-            return _empty_activations(layer)
-        return torch.cat([r.activations for r in recs], dim=1)
-
-
-def _empty_activations(layer: LayerAdapter) -> Tensor:
-    if layer.diagonal_a:
-        return torch.empty(0, 0, dtype=torch.long)
-    w = layer.module.weight
-    return w.new_zeros(0, 0, layer.d_in)
 
 
 def _backward(outputs: Tensor, targets: list[Tensor], R: Tensor) -> list[Tensor | None]:

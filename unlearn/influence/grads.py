@@ -7,6 +7,7 @@ per-sample gradients ``[B, P]``, never ``[n_train, P]``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -134,17 +135,28 @@ def per_sample_grads(
     *,
     targets: Tensor | None = None,
     query: bool = False,
+    hooks: bool = True,
 ) -> Tensor:
     """Per-sample gradients of the loss, ``[B, P]`` in ``space``'s order.
 
     ``targets`` replaces the batch's own targets (sampled labels for the true Fisher);
     ``query=True`` differentiates ``task.query_loss`` instead of the training loss.
+
+    When every parameter of ``space`` belongs to a supported layer (Linear, Conv2d,
+    Embedding), the gradients come from layer hooks and one ordinary backward pass
+    (:mod:`unlearn.influence.hook_grads`), checked against autograd on every batch;
+    otherwise, or with ``hooks=False``, from ``torch.func.vmap`` over the examples.
     """
     batch = to_model(batch, model)
     check_finite_batch(batch)
     inputs, batch_targets = task.split_batch(batch)
     if targets is None:
         targets = batch_targets
+    if hooks:
+        flat = _hooked_per_sample_grads(model, task, inputs, targets, space, query)
+        if flat is not None:
+            _check_finite_grads(flat)
+            return flat
     params = space.params(model)
     loss_of = task.query_loss if query else task.per_sample_loss
 
@@ -154,11 +166,64 @@ def per_sample_grads(
 
     grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, inputs, targets)
     flat = space.flatten(grads, batch_dims=1)
+    _check_finite_grads(flat)
+    return flat
+
+
+def _check_finite_grads(flat: Tensor) -> None:
     if not torch.isfinite(flat.sum()):  # one reduction; NaN or inf anywhere propagates
         raise FloatingPointError(
             "per-sample gradients contain NaN or inf: check the model weights and inputs"
         )
-    return flat
+
+
+# layers whose input or output the model modifies in place, remembered per model so that
+# the hooks copy them from the first forward pass on
+_CLONE: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+def space_layers(model: nn.Module, space: ParamSpace) -> list[Any] | None:
+    """The supported layers (``unlearn.influence.layers`` adapters) whose parameters make up
+    exactly ``space``, or ``None`` if some parameter of the space belongs to no supported
+    layer (or a layer's bias is in the space without its weight)."""
+    from unlearn.influence.layers import adapter_for
+
+    wanted = set(space.names)
+    layers, covered = [], set()
+    for name, module in model.named_modules():
+        own = {f"{name}.{n}" if name else n for n, _ in module.named_parameters(recurse=False)}
+        mine = own & wanted - covered
+        if not mine:
+            continue
+        layer = adapter_for(name, module)
+        if layer is None or layer.weight_name not in mine:
+            return None
+        try:
+            layer.check()
+        except ValueError:
+            return None
+        layer.has_bias = layer.bias_name is not None and layer.bias_name in mine
+        if set(layer.param_names()) != mine:
+            return None
+        layers.append(layer)
+        covered |= mine
+    return layers if covered == wanted else None
+
+
+def _hooked_per_sample_grads(model: nn.Module, task: Task, inputs: Any, targets: Tensor,
+                             space: ParamSpace, query: bool) -> Tensor | None:
+    """Per-sample gradients from layer hooks (one backward pass), or ``None`` where they
+    cannot be exact (see :mod:`unlearn.influence.hook_grads`)."""
+    from unlearn.influence.hook_grads import capture_layer_grads, flat_per_sample
+
+    layers = space_layers(model, space)
+    if layers is None:
+        return None
+    clone = _CLONE.setdefault(model, set())
+    grads = capture_layer_grads(model, task, inputs, targets, layers, clone, query=query)
+    if grads is None:
+        return None
+    return flat_per_sample(layers, grads, space.names)
 
 
 def iter_grads(
