@@ -87,6 +87,9 @@ def test_logistic_regression_matches_leave_one_out_replay(data, lr_run):
     assert (torch.sign(estimate[big]) == torch.sign(truth[big])).float().mean() > 0.95
     # and so the scale: not off by a factor (1/n, batch size, ...)
     assert 0.7 < float(estimate @ truth / (truth @ truth)) < 1.3
+    # the Hessian term does real work: dropping it (the paper's ablation) is clearly worse
+    first_order = _fit(model, traj, train, hessian=False).influence(_loader(query))
+    assert pearsonr(first_order, truth)[0] < pearsonr(estimate, truth)[0] - 0.05
 
 
 def _scaled_run(model, traj, train, query, sample_id: int, eps: float) -> float:

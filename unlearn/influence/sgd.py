@@ -91,10 +91,13 @@ class SGDInfluence(InfluenceEstimator):
         segment_steps: longest stretch of steps replayed and held in memory at once (default
             ``ceil(sqrt(T))``); extra anchors are made by a forward replay where checkpoints
             are sparser than this (or where momentum buffers are unknown).
-        query_chunk: propagate at most this many query vectors per backward pass (default:
-            all at once; each pass replays the run, so bigger chunks are cheaper per query).
+        query_chunk: propagate at most this many query vectors per backward pass (default
+            256; each pass replays the run, so bigger chunks are cheaper per query but hold
+            ``[chunk, P]`` adjoints and vmap that many Hessian-vector products).
         replay_rtol: largest relative difference allowed between replayed weights and the
             weights the run recorded (checkpoints, final model); ``None`` skips the check.
+        hessian: ``False`` drops the Hessian-vector products (H_t taken as 0; weight decay
+            and momentum kept): the paper's first-order ablation, cheaper and less accurate.
         progress: show progress bars.
 
     ``fit()`` prepares the replay anchors (and checks the replay); then
@@ -114,8 +117,9 @@ class SGDInfluence(InfluenceEstimator):
         dataset: IndexedDataset,
         *,
         segment_steps: int | None = None,
-        query_chunk: int | None = None,
+        query_chunk: int | None = 256,
         replay_rtol: float | None = 1e-3,
+        hessian: bool = True,
         progress: bool = True,
     ) -> None:
         super().__init__(model, task, 0.0, progress=progress)
@@ -135,6 +139,7 @@ class SGDInfluence(InfluenceEstimator):
         self.trajectory, self.dataset = trajectory, dataset
         self.segment_steps, self.query_chunk = segment_steps, query_chunk
         self.replay_rtol = replay_rtol
+        self.hessian = bool(hessian)
         self.replay = SGDReplay(model, task, dataset, trajectory)
         self.replay_gap = 0.0  # largest relative replay difference seen by fit
         self._anchors: dict[int, Anchor] | None = None
@@ -284,7 +289,8 @@ class SGDInfluence(InfluenceEstimator):
                 G = rp.per_sample_grads(theta, t)
                 w = step.weights.to(device=A.device, dtype=A.dtype)
                 scores.index_add_(1, rp.positions[t].to(A.device), -(v @ G.T) * w)
-                a = a + rp.hvp(theta, t, v)
+                if self.hessian:
+                    a = a + rp.hvp(theta, t, v)
                 if cfg.weight_decay:
                     a = a + cfg.weight_decay * v
         return scores
