@@ -371,3 +371,35 @@ def test_resume_from_a_checkpoint_older_than_a_removal(digits, tmp_path):
     unlearned.load_state_dict(ledger.load_model(3))
     assert _losses(unlearned, forget).mean() > _losses(restored, forget).mean() + 0.05
     assert fix_cb.applied_requests == [req.id] and ledger.verify().ok
+
+
+def test_iau_uses_the_estimator_the_influence_callback_fits(digits, tmp_path):
+    ledger = Ledger(tmp_path / "ledger.db", models=tmp_path / "models")
+    req = ledger.submit(list(range(100, 130)), requester="alice", reason="erase me")
+    influence = InfluenceCallback(EKFACInfluence, damping=1e-3,
+                                  train_dataloader=DataLoader(digits, batch_size=200))
+    method = IAU(ClassificationTask(), estimator=lambda: influence.estimator)
+    unl = UnlearningCallback(ledger, method, train_dataset=digits)
+    module = MLP(lr=0.5)
+    _trainer([influence, unl]).fit(module, _loader(digits))  # influence first: fitted before
+
+    assert ledger.get(req.id).state == "applied"
+    details = ledger.show(req.id)["events"][-1]["data"]["details"]
+    assert details["preconditioner"] == "EKFACInfluence.inverse_hvp"
+    trained, unlearned = MLP(), MLP()
+    trained.load_state_dict(ledger.load_model(1))
+    unlearned.load_state_dict(ledger.load_model(2))
+    forget = digits.subset(range(100, 130))
+    assert _losses(unlearned, forget).mean() > _losses(trained, forget).mean()
+
+    # the same request with the callback order reversed: the provider has nothing yet
+    ledger2 = Ledger(tmp_path / "ledger2.db", models=tmp_path / "models2")
+    req2 = ledger2.submit(list(range(100, 130)), requester="alice", reason="erase me")
+    late = InfluenceCallback(EKFACInfluence, damping=1e-3,
+                             train_dataloader=DataLoader(digits, batch_size=200))
+    unl2 = UnlearningCallback(ledger2, IAU(ClassificationTask(), estimator=lambda: late.estimator),
+                              train_dataset=digits)
+    with pytest.raises(TypeError, match="fitted before this removal"):
+        _trainer([unl2, late]).fit(MLP(lr=0.5), _loader(digits))
+    assert ledger2.get(req2.id).state == "failed"
+    assert "fitted before this removal" in ledger2.get(req2.id).state_reason

@@ -58,6 +58,7 @@ is deterministic given the loaders.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -93,7 +94,10 @@ class IAU(RemovalMethod):
             10% random forgetting; ``experiments/iau_check.py --tune``); 200 over-forgets.
         estimator: scaled mode only: a fitted :class:`InfluenceEstimator` on *this* model
             whose ``inverse_hvp`` preconditions the forget step (Newton-like). Only the
-            parameters in its space are moved by the forget step.
+            parameters in its space are moved by the forget step. A function returning one
+            is called at each removal: ``estimator=lambda: influence_cb.estimator`` uses the
+            EK-FAC an :class:`~unlearn.lightning.InfluenceCallback` fits when training ends
+            (curvature fitted once per trained model, reused by every removal).
         n_train: the training-set size n of the 1/n influence scale (scaled mode); default
             ``|forget| + |retain|``.
         retain_steps: scaled mode: number of gradient-descent steps on the retained loss
@@ -141,7 +145,7 @@ class IAU(RemovalMethod):
         *,
         lr: float | None = None,
         step_scale: float = 70.0,
-        estimator: InfluenceEstimator | None = None,
+        estimator: InfluenceEstimator | Callable[[], InfluenceEstimator] | None = None,
         n_train: int | None = None,
         retain_steps: int = 5,
         retain_lr: float = 0.2,
@@ -169,9 +173,9 @@ class IAU(RemovalMethod):
             if mode != "scaled":
                 raise ValueError("estimator= preconditions the scaled mode's step; the faithful "
                                  "mode uses Adam, as the reference code does")
-            if not isinstance(estimator, InfluenceEstimator):
-                raise TypeError(f"estimator must be a fitted InfluenceEstimator, got "
-                                f"{type(estimator)}")
+            if not (isinstance(estimator, InfluenceEstimator) or callable(estimator)):
+                raise TypeError(f"estimator must be a fitted InfluenceEstimator or a function "
+                                f"returning one, got {type(estimator)}")
         if estimator is not None and lr is not None:
             raise ValueError("pass lr= or estimator=, not both: each sets the preconditioner")
         self.estimator = estimator
@@ -216,7 +220,8 @@ class IAU(RemovalMethod):
 
     # ----------------------------------------------------------------- scaled mode
     def _scaled(self, model: nn.Module, forget: DataLoader, retain: DataLoader) -> dict[str, Any]:
-        space = self._space(model)
+        est = self._fitted_estimator()
+        space = self._space(model, est)
         theta0 = _flat_params(model, space)
         forget_sum, n_forget = _loss_grad(model, self.task, forget, space, "forget")
         n_retain = _count(retain)
@@ -224,12 +229,12 @@ class IAU(RemovalMethod):
         if n <= n_forget:
             raise ValueError(f"n_train={n} must exceed the forget-set size {n_forget}")
         info: dict[str, Any] = {}
-        adaptive = self.estimator is None and self.lr is None
+        adaptive = est is None and self.lr is None
         n_corr = self.retain_steps * (self.retain_batches or 1)
         batches = _take(retain, max(n_corr, self.curvature_batches if adaptive else 0))
-        if self.estimator is not None:
-            step = self.estimator.inverse_hvp(forget_sum) / n
-            info["preconditioner"] = f"{type(self.estimator).__name__}.inverse_hvp"
+        if est is not None:
+            step = est.inverse_hvp(forget_sum) / n
+            info["preconditioner"] = f"{type(est).__name__}.inverse_hvp"
         else:
             lr = self.lr
             if lr is None:
@@ -344,10 +349,21 @@ class IAU(RemovalMethod):
                 p.copy_(p0)
         return 0.0, self.max_halvings + 1
 
-    def _space(self, model: nn.Module) -> ParamSpace:
-        if self.estimator is None:
-            return ParamSpace.of(model)
+    def _fitted_estimator(self) -> InfluenceEstimator | None:
+        """The estimator, calling the provider function if one was given (e.g.
+        ``lambda: influence_callback.estimator``, fitted when training ends)."""
         est = self.estimator
+        if est is None or isinstance(est, InfluenceEstimator):
+            return est
+        got = est()
+        if not isinstance(got, InfluenceEstimator):
+            raise TypeError(f"the estimator provider returned {type(got).__name__}, not a fitted "
+                            "InfluenceEstimator (was the estimator fitted before this removal?)")
+        return got
+
+    def _space(self, model: nn.Module, est: InfluenceEstimator | None) -> ParamSpace:
+        if est is None:
+            return ParamSpace.of(model)
         space = ParamSpace.of(model, est.space.names)
         ours, theirs = space.params(model), est.space.params(est.model)
         for name in space.names:
