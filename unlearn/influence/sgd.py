@@ -194,8 +194,11 @@ class SGDInfluence(InfluenceEstimator):
                     theta = logged
                     if need_buffer and t in buffers:
                         buf = rp.buffer(buffers[t], f"momentum buffer at step {t}")
-                if last is None or t in ckpts or t - last >= seg:
-                    anchors[t] = (theta.clone(), None if buf is None else buf.clone())
+                # anchor every `seg` steps; a checkpoint is a free anchor unless its momentum
+                # buffer must be copied (then only every `seg` steps, to bound memory)
+                if last is None or t - last >= seg or (t in ckpts and not need_buffer):
+                    anchors[t] = (ckpts[t] if t in ckpts else theta.clone(),
+                                  None if buf is None else buf.clone())
                     last = t
                 theta, buf = rp.step(theta, buf, t)
         if T in ckpts:
