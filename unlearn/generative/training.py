@@ -240,6 +240,8 @@ class GANTrajectory:
 
     def real_data(self, dataset: IndexedDataset | None = None) -> RealData:
         """The real data this run used; checks a given ``dataset`` against the fingerprint."""
+        if dataset is not None and dataset is self.dataset and self._data is not None:
+            return self._data  # already checked
         if dataset is not None:
             data = RealData(dataset, self.dtype, self.device)
             if data.fingerprint != self.data_fingerprint:
