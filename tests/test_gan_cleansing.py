@@ -171,3 +171,43 @@ def test_bad_inputs(run):
         selection_harm("influence", traj)
     with pytest.raises(TypeError, match="GANTrajectory"):
         GANCleansing(k=1).cleanse("run", harm=torch.zeros(40))
+
+
+def _cli(argv):
+    import argparse
+
+    from unlearn import cli_gan
+
+    parser = argparse.ArgumentParser(prog="unlearn")
+    cli_gan.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.mark.parametrize("selection", ["influence", "isolation_forest"])
+def test_cli_gan_cleanse_2d_writes_a_summary(tmp_path, selection):
+    import json
+
+    out = tmp_path / selection
+    code = _cli(["gan-cleanse", "--dataset", "2d", "--n-train", "60", "--epochs", "3",
+                 "--batch-size", "20", "--fraction", "0.1", "--selection", selection,
+                 "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_removed"] == 6 and len(summary["removed_ids"]) == 6
+    assert summary["metric_change"] == pytest.approx(
+        summary["metric_after"] - summary["metric_before"])
+    assert (out / "generator.pt").is_file() and (out / "discriminator.pt").is_file()
+
+
+def test_cli_gan_cleanse_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _cli(["gan-cleanse", "--fraction", "1.5"])
+    assert "fraction" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli(["gan-cleanse", "--selection", "loss"])
+    from unlearn.cli import UserError
+
+    with pytest.raises(UserError, match="cannot load MNIST"):
+        _cli(["gan-cleanse", "--dataset", "mnist", "--mnist-root", str(tmp_path),
+              "--out", str(tmp_path / "o")])
