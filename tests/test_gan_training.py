@@ -154,6 +154,24 @@ def test_load_rejects_missing_corrupt_and_foreign_files(tmp_path):
     save_file({"w": torch.zeros(3)}, foreign)
     with pytest.raises(ValueError, match="not a GAN trajectory"):
         GANTrajectory.load(foreign)
+    # well-formed file, inconsistent contents: each named in the error
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    for key, change, message in [
+        ("batch_ids", lambda t: t + 1000, "not in train_ids"),
+        ("lr_d", lambda t: t[:-1], "lr_d has shape"),
+        ("checkpoint.0", lambda t: t * float("nan"), "NaN"),
+        ("kinds", lambda t: t * 0 + 7, "step kinds"),
+    ]:
+        tensors = load_file(path)
+        tensors[key] = change(tensors[key])
+        bad = tmp_path / f"bad_{key}.safetensors"
+        save_file(tensors, bad, metadata=meta)
+        with pytest.raises(ValueError, match=message):
+            GANTrajectory.load(bad)
 
 
 def test_custom_architecture_needs_templates_to_load(tmp_path):

@@ -215,6 +215,8 @@ class GANTrajectory:
 
     def latents(self, t: int, which: str) -> Tensor:
         """The latent vectors of step ``t`` for D's (``"d"``) or G's (``"g"``) update."""
+        if which not in ("d", "g"):
+            raise ValueError(f"which must be 'd' or 'g', got {which!r}")
         seeds, counts = (
             (self.seeds_d, self.n_fake_d) if which == "d" else (self.seeds_g, self.n_fake_g)
         )
@@ -266,10 +268,11 @@ class GANTrajectory:
         unknown = [i for i in id_list if i not in known]
         if unknown:
             raise UnknownIdError(unknown)
-        if len(set(id_list)) != len(id_list):
-            seen: set[int] = set()
-            dup = next(i for i in id_list if i in seen or seen.add(i))  # type: ignore[func-returns-value]
-            raise ValueError(f"{what} contains the duplicate id {dup}")
+        seen: set[int] = set()
+        for i in id_list:
+            if i in seen:
+                raise ValueError(f"{what} contains the duplicate id {i}")
+            seen.add(i)
         return id_list
 
     # ------------------------------------------------------------------ parameters
@@ -491,10 +494,14 @@ class GANTrajectory:
             raise ValueError(f"{where}: learning rates hold NaN or infinite values")
         if self.loss not in LOSSES or self.schedule not in SCHEDULES:
             raise ValueError(f"{where}: unknown loss {self.loss!r} or schedule {self.schedule!r}")
+        bad_kinds = set(self.kinds.tolist()) - {UPDATE_D, UPDATE_G, UPDATE_D | UPDATE_G}
+        if bad_kinds:
+            raise ValueError(f"{where}: unknown step kinds {sorted(bad_kinds)}")
         known = set(self.train_ids.tolist())
-        stray = [i for i in set(self.batch_ids.tolist()) if i not in known]
-        if stray:
-            raise ValueError(f"{where}: batches use ids not in train_ids, e.g. {stray[:5]}")
+        for name in ("batch_ids", "excluded_ids"):
+            stray = [i for i in set(getattr(self, name).tolist()) if i not in known]
+            if stray:
+                raise ValueError(f"{where}: {name} holds ids not in train_ids, e.g. {stray[:5]}")
 
 
 def _template(
