@@ -39,10 +39,12 @@ from torch.utils.data import DataLoader
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
+if os.environ.get("UNLEARN_CODE_ROOT"):  # --speedup: import another revision's unlearn
+    sys.path.insert(0, os.environ["UNLEARN_CODE_ROOT"])
 
 OUT = ROOT / "experiments" / "out"
 DOC = ROOT / "docs" / "results" / "benchmark.md"
-PARTS = ("lr", "mlp", "flops", "scaling", "profile")
+PARTS = ("speedup", "lr", "mlp", "flops", "scaling", "profile")
 
 
 @dataclass
@@ -87,6 +89,9 @@ def methods(model: str, damping: float, iq: int, skip_slow: bool) -> list[Method
                 x.note = "float32 copy of the model and data (float64 fails inside dattri)" + \
                     ("; " + x.note if x.note else "")
         m[0:0] = [Method("ours Exact (GGN)", "ours", "ExactInfluence", ggn),
+                  Method("ours Exact (GGN, float32 build)", "ours", "ExactInfluence",
+                         {**ggn, "build_dtype": "float32"}, None,
+                         "curvature products in float32, sums and Cholesky solve in float64"),
                   Method("dattri explicit", "dattri", "explicit")]
         m.append(Method("dattri TracIn (1 ckpt = grad dot)", "dattri", "tracin",
                         {"proj_dim": 512}, None, "final model only, projection 512"))
@@ -169,7 +174,10 @@ def run_ours(m: Method, prob: Any, query: Any) -> tuple[float, float, torch.Tens
         import mnist_setup as ms
 
         extra = ms.tracin_checkpoints()
-    est = getattr(influence, m.name)(prob.model, prob.task, **m.kwargs, **extra, progress=False)
+    kwargs = dict(m.kwargs)
+    if isinstance(kwargs.get("build_dtype"), str):  # JSON carries the dtype's name
+        kwargs["build_dtype"] = getattr(torch, kwargs["build_dtype"])
+    est = getattr(influence, m.name)(prob.model, prob.task, **kwargs, **extra, progress=False)
     train_loader = DataLoader(prob.train, batch_size=prob.train_batch, shuffle=False)
     query_loader = DataLoader(query, batch_size=100, shuffle=False)
     t0 = time.perf_counter()
@@ -180,14 +188,19 @@ def run_ours(m: Method, prob: Any, query: Any) -> tuple[float, float, torch.Tens
     return t1 - t0, t2 - t1, scores.detach().double().cpu()
 
 
-def spawn(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """Run ``worker(spec)`` in a fresh interpreter; return its measurements or the error."""
+def spawn(spec: dict[str, Any], timeout: float, code_root: str | None = None) -> dict[str, Any]:
+    """Run ``worker(spec)`` in a fresh interpreter; return its measurements or the error.
+    ``code_root`` imports ``unlearn`` from that directory instead (an older revision)."""
+    env = {k: v for k, v in os.environ.items() if k != "UNLEARN_CODE_ROOT"}
+    if code_root:
+        env["UNLEARN_CODE_ROOT"] = code_root
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         spec = {**spec, "out": str(Path(tmp) / "r.npz")}
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
         t0 = time.perf_counter()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                               env=env)
         except subprocess.TimeoutExpired:
             return {"status": "timeout", "error": f"over {timeout:.0f}s", "wall_s": timeout}
         wall = time.perf_counter() - t0
@@ -266,6 +279,45 @@ def summary(r: dict) -> str:
     lds = f", LDS {r['lds']:.3f}" if r.get("lds") is not None else ""
     return (f"fit {r['fit_s']:.2f}s score {r['score_s']:.2f}s peak {r['peak_rss_mb']:.0f} MB"
             f"{lds}")
+
+
+def speedup_methods(model: str, damping: float) -> list[Method]:
+    ggn = {"damping": damping, "curvature": "ggn"}
+    m = [Method("ours EK-FAC", "ours", "EKFACInfluence", {"damping": damping}),
+         Method("ours K-FAC", "ours", "KFACInfluence", {"damping": damping})]
+    if model == "lr":
+        m.append(Method("ours Exact (GGN)", "ours", "ExactInfluence", ggn))
+    return m
+
+
+def part_speedup(a: argparse.Namespace) -> dict[str, Any]:
+    """Before / after: each of our methods run with the ``unlearn`` package of git revision
+    ``--before`` (extracted with ``git archive``) and with the working tree, interleaved."""
+    import mnist_setup as ms
+
+    from unlearn.influence.evaluate import lds_from_losses
+
+    sha = subprocess.run(["git", "rev-parse", "--short", a.before], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="before-") as old_root:
+        archive = subprocess.run(["git", "archive", a.before, "unlearn"], cwd=ROOT, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", old_root], input=archive, check=True)
+        for name in a.speedup_models:
+            prob = ms.load_problem(name)
+            for m in speedup_methods(name, prob.damping):
+                for version, code_root in ((f"before ({sha})", old_root), ("after", None)):
+                    spec = {"problem": name, "n_train": 5000, "threads": a.threads,
+                            "queries": None, "method": asdict(m)}
+                    r = spawn(spec, a.timeout, code_root)
+                    scores = r.pop("scores", None)
+                    if scores is not None and prob.losses is not None:
+                        r["lds"] = lds_from_losses(scores, prob.subsets, prob.losses)["lds"]
+                    rows.append({"model": name, "label": m.label, "version": version, **r})
+                    log(f"speedup {name} {m.label} {version}: {summary(r)}")
+    return {"setup": {"threads": a.threads, "before": a.before, "before_sha": sha},
+            "rows": rows}
 
 
 def part_flops(a: argparse.Namespace) -> dict[str, Any]:
@@ -489,6 +541,29 @@ def md_scaling(res: dict) -> list[str]:
     return lines + [""]
 
 
+def md_speedup(res: dict) -> list[str]:
+    s = res["setup"]
+    lines = ["## Before / after this change (ours only)", ""] + header(res) + [
+        f"Each method run once with the `unlearn` package of revision `{s['before_sha']}` "
+        "(extracted by `git archive`) and once with the working tree, one after the other in "
+        f"fresh processes, {s['threads']} torch thread(s); MNIST 5,000 train / 500 query, "
+        "damping 1e-3. Peak RSS is the worker's `ru_maxrss` (Python, torch and the data "
+        "included).", "",
+        "| model | method | version | fit s | score s | total s | peak RSS MB | LDS | status |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        ok = r["status"] == "ok"
+        lds = f"{r['lds']:.3f}" if ok and r.get("lds") is not None else "–"
+        if ok:
+            nums = (f"{r['fit_s']:.2f} | {r['score_s']:.2f} | {r['fit_s'] + r['score_s']:.2f} "
+                    f"| {r['peak_rss_mb']:.0f}")
+        else:
+            nums = "– | – | – | –"
+        lines.append(f"| {r['model']} | {r['label']} | {r['version']} | {nums} | {lds} | "
+                     f"{r['status']} {r.get('error') or ''} |")
+    return lines + [""]
+
+
 def write_report(extra: str = "") -> None:
     res = {p: json.loads((OUT / f"benchmark_{p}.json").read_text())
            for p in PARTS if (OUT / f"benchmark_{p}.json").exists()}
@@ -497,6 +572,8 @@ def write_report(extra: str = "") -> None:
              "*.json` (each section names its command, machine and date). Same trained "
              "weights, data and damping for everyone; scores in our convention (peers "
              "converted by `baselines/peers/`). MNIST t10k split 5,000 train / 500 query.", ""]
+    if "speedup" in res:
+        lines += md_speedup(res["speedup"])
     if "lr" in res:
         lines += md_model(res["lr"], "Logistic regression 784→10 (float64)")
     if "mlp" in res:
@@ -544,12 +621,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default="", help="comma-separated label substrings")
     p.add_argument("--profile-methods", default="lr:ours CG (GGN) 100 it,mlp:ours EK-FAC",
                    help="model:label pairs profiled by --profile")
+    p.add_argument("--before", default="c6e1eba",
+                   help="git revision whose unlearn package --speedup compares against")
+    p.add_argument("--speedup-models", default="mlp,lr", help="models of --speedup")
     p.add_argument("--real-sizes", default="1000,2000,5000,9000")
     p.add_argument("--synthetic-sizes", default="10000,30000,100000")
     a = p.parse_args(argv)
     a.only = tuple(o for o in a.only.split(",") if o)
     a.profile_methods = [v for v in a.profile_methods.split(",") if v]
     a.real_sizes = [int(v) for v in a.real_sizes.split(",") if v]
+    a.speedup_models = [v for v in a.speedup_models.split(",") if v]
     a.synthetic_sizes = [int(v) for v in a.synthetic_sizes.split(",") if v]
     if a.reps < 1 or a.threads < 1 or a.iterative_queries < 1:
         p.error("--reps, --threads and --iterative-queries must be >= 1")
@@ -563,7 +644,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     parts = list(PARTS) if a.all else [q for q in PARTS if getattr(a, q)]
     if not parts and not a.report:
-        sys.exit("choose --all, one or more of --lr --mlp --flops --scaling, or --report")
+        sys.exit("choose --all, one or more of --speedup --lr --mlp --flops --scaling "
+                 "--profile, or --report")
     command = ".venv/bin/python experiments/benchmark_peers.py " + " ".join(
         shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
     OUT.mkdir(parents=True, exist_ok=True)
@@ -571,7 +653,8 @@ def main(argv: list[str] | None = None) -> None:
         info, t0 = machine(), time.perf_counter()
         log(f"=== {part}")
         try:
-            res = {"lr": lambda: part_model("lr", a), "mlp": lambda: part_model("mlp", a),
+            res = {"speedup": lambda: part_speedup(a),
+                   "lr": lambda: part_model("lr", a), "mlp": lambda: part_model("mlp", a),
                    "flops": lambda: part_flops(a), "scaling": lambda: part_scaling(a),
                    "profile": lambda: part_profile(a)}[part]()
         except Exception:

@@ -74,6 +74,19 @@ class Tied(nn.Module):
         return self.dec(torch.tanh(self.emb(t).mean(1)))
 
 
+class SeqFirst(nn.Module):
+    """A Linear run on ``[T, B, d]`` (sequence first): with ``T == B`` the first dimension
+    looks like the batch, so only the single-example check can tell the split is wrong."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix, self.out = nn.Linear(3, 3), nn.Linear(3, 4)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, T, 3]
+        h = torch.tanh(self.mix(x.transpose(0, 1)))  # [T, B, 3]
+        return self.out(h.mean(0))
+
+
 class Tokens(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -104,12 +117,14 @@ def _cases() -> dict[str, tuple[nn.Module, Tensor, Tensor]]:
         "twice": (Twice(), x6, torch.randint(0, 4, (24,), generator=g)),
         "functional_reuse": (FunctionalReuse(), x6, torch.randint(0, 4, (24,), generator=g)),
         "tied": (Tied(), tok % 9, torch.randint(0, 9, (20,), generator=g)),
+        "seq_first": (SeqFirst(), torch.randn(5, 5, 3, generator=g, dtype=F64),
+                      torch.randint(0, 4, (5,), generator=g)),
     }
 
 
 CASES = _cases()
 HOOKED = ["mlp", "conv", "embedding", "twice"]
-FALLBACK = ["functional_reuse", "tied"]
+FALLBACK = ["functional_reuse", "tied", "seq_first"]
 
 
 @pytest.mark.parametrize("name", HOOKED + FALLBACK)
@@ -161,7 +176,7 @@ def _dense_scores(est: KFACInfluence, q: DataLoader, t: DataLoader) -> Tensor:
     return InfluenceEstimator.scores(est, q, t)
 
 
-@pytest.mark.parametrize("name", HOOKED + ["functional_reuse"])
+@pytest.mark.parametrize("name", HOOKED + ["functional_reuse", "seq_first"])
 @pytest.mark.parametrize("cls", [KFACInfluence, EKFACInfluence])
 def test_eigenbasis_scores_equal_dense_scores(name, cls, monkeypatch):
     model, x, y = CASES[name]

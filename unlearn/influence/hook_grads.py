@@ -12,10 +12,12 @@ the ``[B, P]`` matrix that ``torch.func.vmap`` produces.
 The hooks only see what passes through the covered modules, so every batch is checked:
 each recorded call must keep the batch in its first dimension, and the summed per-sample
 gradients must equal autograd's gradient of the summed loss for each covered weight and bias
-(to rounding). A weight that is also used outside its module (tied to another module,
-``F.linear(x, self.fc.weight)`` somewhere else) fails that check, and so does any other
-situation the hooks cannot describe; :func:`capture_layer_grads` then returns ``None`` and
-callers fall back to vmap, which is exact for any model.
+(to rounding), and the first example's must equal autograd's on that example alone (which
+catches a batch split the wrong way and forwards that mix examples). A weight that is also
+used outside its module (tied to another module, ``F.linear(x, self.fc.weight)`` somewhere
+else) fails these checks, and so does any other situation the hooks cannot describe;
+:func:`capture_layer_grads` then returns ``None`` and callers fall back to vmap, which is
+exact for any model.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from unlearn.influence.layers import LayerAdapter
 from unlearn.tasks import Task
@@ -199,7 +202,41 @@ def capture_layer_grads(
         result[layer.name] = LayerGrads(a, g)
     if not _sums_match(layers, result, param_grads):
         return None
+    if not _first_example_matches(model, loss_of, inputs, targets, layers, result, B):
+        return None
     return result
+
+
+def _first_example_matches(model: nn.Module, loss_of: Any, inputs: Any, targets: Tensor,
+                           layers: Sequence[LayerAdapter], grads: dict[str, LayerGrads],
+                           B: int) -> bool:
+    """Example 0's hooked gradient equals autograd's on that example alone. The sum check
+    cannot see a wrong split of the batch (a layer run on ``[T, B, d]`` with ``T == B``) or
+    a forward that mixes examples; one single-example pass can, for little cost."""
+
+    def first(t: Any) -> Any:
+        return t[:1] if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == B else t
+
+    params = [p for layer in layers for p in _layer_params(layer)]
+    with torch.enable_grad():
+        loss = loss_of(model(tree_map(first, inputs)), first(targets)).sum()
+        auto = torch.autograd.grad(loss, params, allow_unused=True)
+    i = 0
+    for layer in layers:
+        pieces = []
+        for p in _layer_params(layer):
+            pieces.append(torch.zeros_like(p) if auto[i] is None else auto[i].detach())
+            i += 1
+        want = layer.to_matrix({n: t.unsqueeze(0) for n, t in
+                                zip(layer.param_names(), pieces, strict=True)})[0]
+        lg = grads[layer.name]
+        got = materialise(layer, LayerGrads(lg.a[:1], lg.g[:1]))[0]
+        g_norm = lg.g[0].norm(dim=-1)
+        a_norm = torch.ones_like(g_norm) if layer.diagonal_a else lg.a[0].norm(dim=-1)
+        scale = max(float((g_norm * a_norm).sum()), float(want.norm()), 1e-30)
+        if float((got - want).norm()) > 1e4 * torch.finfo(got.dtype).eps * scale:
+            return False
+    return True
 
 
 def _layer_params(layer: LayerAdapter) -> list[Tensor]:
