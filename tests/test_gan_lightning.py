@@ -81,6 +81,22 @@ def test_minimax_and_weight_decay_replay_exactly_and_the_check_is_sensitive():
                                   atol=1e-6, rtol=0), change
 
 
+def test_momentum_run_reconstructs_exactly():
+    x = points(30)
+    data = from_tensors(x, torch.zeros(30, dtype=torch.long))
+    g, d = gan_2d(latent_dim=3, hidden_g=8, hidden_d=8, seed=4)
+    module = GANModule(g, d, lr_d=0.05, lr_g=0.05, momentum=0.9, latent_seed=1)
+    log = fit(module, data, epochs=3, batch_size=10)
+    traj = trajectory_from_log(log, module, data)  # raises if the replay missed the weights
+    assert traj.momentum == 0.9
+    import copy
+
+    plain = copy.copy(traj)
+    plain.momentum = 0.0
+    plain.checkpoints = {0: traj.checkpoints[0][: traj.n_params]}
+    assert not torch.allclose(replay(plain).final_params(), traj.final_params(), atol=1e-6)
+
+
 def test_errors():
     x = points(20)
     data = from_tensors(x, torch.zeros(20, dtype=torch.long))

@@ -12,7 +12,7 @@ optimisers, and latents drawn from a deterministic per-batch seed.
 From the log to the cleansing module. Every training batch is one D step on the real batch
 (latents ``z_D``) followed by one G step (latents ``z_G``), the loss and update rule of
 :mod:`unlearn.generative.training` (``L_D = mean softplus(-D(x)) + mean softplus(D(G(z_D)))``,
-non-saturating or minimax ``L_G``, weight decay as the SGD optimisers' ``weight_decay``). The
+non-saturating or minimax ``L_G``, weight decay and momentum as the SGD optimisers'). The
 latents are a pure function of ``(latent_seed, epoch, batch_idx)``: :func:`latent_seed_for`
 gives the seed, and ``torch.randn`` on a CPU generator seeded with it draws them exactly as
 ``GANTrajectory.latents`` does. The :class:`~unlearn.lightning.TrainingLogCallback` records the
@@ -21,7 +21,7 @@ checkpoint holds the initial weights (``every_n_steps`` not None; or pass ``init
 :func:`trajectory_from_log` turns these into a :class:`~unlearn.generative.GANTrajectory`
 (two steps per batch, D then G) and recomputes the parameters along the run by exact replay;
 it checks the replayed end point against the module's trained weights and raises if they differ
-by more than ``atol`` (e.g. momentum, a different optimiser, or a module changed after fit).
+by more than ``atol`` (e.g. a different optimiser, or a module changed after fit).
 
 Batches: ``(ids, x, y)`` (what :mod:`unlearn.data` yields; labels are ignored) or ``(ids, x)``
 (give the callback ``get_ids=gan_batch_ids``, which reads both layouts).
@@ -80,11 +80,13 @@ def _latents(seed: int, count: int, latent_shape: tuple[int, ...], like: Tensor)
 
 class GANModule(pl.LightningModule):
     """Unconditional GAN trained with two SGD optimisers (D first, then G) under manual
-    optimisation. ``n_fake``: latents per update (default: the real batch's size)."""
+    optimisation. ``n_fake``: latents per update (default: the real batch's size);
+    ``momentum``: heavy-ball momentum of both optimisers (PyTorch's convention, as
+    ``train_gan``)."""
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, *, lr_d: float = 0.01,
                  lr_g: float = 0.01, loss: str = "nonsaturating", weight_decay_d: float = 0.0,
-                 weight_decay_g: float = 0.0, latent_seed: int = 0,
+                 weight_decay_g: float = 0.0, momentum: float = 0.0, latent_seed: int = 0,
                  n_fake: int | None = None) -> None:
         super().__init__()
         if loss not in LOSSES:
@@ -93,6 +95,8 @@ class GANModule(pl.LightningModule):
                         ("weight_decay_g", weight_decay_g)):
             if not (isinstance(v, (int, float)) and v >= 0 and v < float("inf")):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
         if n_fake is not None and (not isinstance(n_fake, int) or n_fake < 1):
             raise ValueError(f"n_fake must be a positive integer, got {n_fake!r}")
         shape = getattr(generator, "latent_shape", None)
@@ -106,6 +110,7 @@ class GANModule(pl.LightningModule):
         self.lr_d, self.lr_g = float(lr_d), float(lr_g)
         self.loss_kind = loss
         self.weight_decay_d, self.weight_decay_g = float(weight_decay_d), float(weight_decay_g)
+        self.momentum = float(momentum)
         self.latent_seed = int(latent_seed)
         self.n_fake = n_fake
         self.automatic_optimization = False
@@ -116,9 +121,9 @@ class GANModule(pl.LightningModule):
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [
             torch.optim.SGD(self.discriminator.parameters(), lr=self.lr_d,
-                            weight_decay=self.weight_decay_d),
+                            momentum=self.momentum, weight_decay=self.weight_decay_d),
             torch.optim.SGD(self.generator.parameters(), lr=self.lr_g,
-                            weight_decay=self.weight_decay_g),
+                            momentum=self.momentum, weight_decay=self.weight_decay_g),
         ]
 
     def latents(self, batch_idx: int, which: str, count: int, like: Tensor) -> Tensor:
@@ -196,9 +201,11 @@ def trajectory_from_log(log: TrainingLogCallback, module: GANModule, dataset: In
         raise ValueError(f"the run used optimisers {classes}; only GANModule's two plain SGD "
                          "optimisers can be replayed")
     for o in log.optimizers:
-        momentum = o.get("defaults", {}).get("momentum", 0)
-        if momentum:
-            raise ValueError(f"the run used SGD momentum {momentum}; replay supports plain SGD")
+        d = o.get("defaults", {})
+        if float(d.get("momentum", 0)) != module.momentum or d.get("nesterov") \
+                or d.get("dampening", 0):
+            raise ValueError(f"the run's SGD settings {d} differ from the module's (momentum "
+                             f"{module.momentum}, no dampening, no Nesterov)")
     if initial_state is None:
         try:
             initial_state = log.load_checkpoint(0)
@@ -240,7 +247,10 @@ def trajectory_from_log(log: TrainingLogCallback, module: GANModule, dataset: In
         seeds_g=torch.tensor(seeds_g, dtype=torch.int64),
         n_fake_d=torch.tensor(n_fake_d, dtype=torch.int64),
         n_fake_g=torch.tensor(n_fake_g, dtype=torch.int64),
-        checkpoint_every=checkpoint_every, checkpoints={0: theta0}, dataset=dataset, _data=data,
+        checkpoint_every=checkpoint_every, dataset=dataset, _data=data,
+        checkpoints={0: torch.cat([theta0, torch.zeros_like(theta0)]) if module.momentum
+                     else theta0},
+        momentum=module.momentum,
     )
     traj = replay(traj, [], checkpoint_every=checkpoint_every)  # fill in the parameters
     trained, _, _ = _theta(module, {k: v.detach() for k, v in module.state_dict().items()})

@@ -236,6 +236,7 @@ def retrain_like(trajectory: GANTrajectory, dataset: IndexedDataset, *,
         lr_d=lrs["lr_d"], lr_g=lrs["lr_g"], n_disc=trajectory.n_disc,
         schedule=trajectory.schedule, loss=trajectory.loss,
         weight_decay_d=trajectory.weight_decay_d, weight_decay_g=trajectory.weight_decay_g,
+        momentum=getattr(trajectory, "momentum", 0.0),
         n_fake=int(max(trajectory.n_fake_d.max(), trajectory.n_fake_g.max())),
         seed=trajectory.seed, checkpoint_every=trajectory.checkpoint_every, progress=progress,
     )
