@@ -18,9 +18,9 @@ the deleted edges from message passing. Pre-training fits the encoder to simulat
 (random edge drops and random whole users of the training graph) with four losses:
 
 * model: BPR on remaining edges against random items;
-* unlearning: a deleted pair's score above the mean score of random items of the same user is
-  penalised (a hinge, so deleted pairs are pushed to the level of non-interacted items, not
-  far below it: pushing them lower would itself reveal that they were deleted);
+* unlearning: a deleted pair's score above the mean score of random (user, item) pairs is
+  penalised (a hinge, so deleted pairs are pushed to the level of random pairs, not far
+  below it: pushing them lower would itself reveal that they were deleted);
 * preservation: squared error between the new and the original model's scores on remaining
   edges and random pairs;
 * contrast: InfoNCE between the encoder outputs of two edge-dropout views of the same
@@ -164,11 +164,11 @@ class UnlearnRecConfig:
     lr: float = 0.01
     finetune_steps: int = 10
     finetune_lr: float = 0.01
-    batch_size: int = 4096  # remaining edges / random pairs per step
-    negatives: int = 4  # random items per deleted pair for the unlearning hinge
+    batch_size: int = 2048  # remaining edges / random pairs per step
     lambda_model: float = 1.0
     lambda_unlearn: float = 1.0
-    lambda_preserve: float = 0.1
+    unlearn_margin: float = 0.0  # how far below the random-pair mean deleted pairs go
+    lambda_preserve: float = 1.0
     lambda_contrast: float = 0.01
     contrast_dropout: float = 0.2
     contrast_nodes: int = 256
@@ -176,7 +176,7 @@ class UnlearnRecConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        positive_ints = ("layers", "hidden", "batch_size", "negatives", "contrast_nodes")
+        positive_ints = ("layers", "hidden", "batch_size", "contrast_nodes")
         for name in positive_ints:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -195,7 +195,8 @@ class UnlearnRecConfig:
         for name in ("lr", "finetune_lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
-        for name in ("lambda_model", "lambda_unlearn", "lambda_preserve", "lambda_contrast"):
+        for name in ("lambda_model", "lambda_unlearn", "lambda_preserve", "lambda_contrast",
+                     "unlearn_margin"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
@@ -269,18 +270,20 @@ def _losses(encoder: InfluenceEncoder, ctx: _Context, req: _Request, cfg: Unlear
     j = _random_items(u, ni, ctx.train_keys, gen)
     model_loss = -F.logsigmoid(pair_scores(final, u, i, nu) - pair_scores(final, u, j, nu)).mean()
 
-    # unlearning loss: deleted pairs no higher than random items of the same user
-    d = req.deleted.select(_sample(len(req.deleted), cfg.batch_size, gen))
-    du = d.users.repeat_interleave(cfg.negatives)
-    neg = pair_scores(final, du, _random_items(du, ni, ctx.train_keys, gen), nu)
-    neg = neg.view(-1, cfg.negatives).mean(1)
-    unlearn_loss = F.relu(pair_scores(final, d.users, d.items, nu) - neg).mean()
-
     # preservation loss: remaining edges and random pairs keep their original scores
-    ru = torch.cat([u, torch.randint(nu, (cfg.batch_size,), generator=gen)])
-    ri = torch.cat([i, torch.randint(ni, (cfg.batch_size,), generator=gen)])
-    preserve_loss = F.mse_loss(pair_scores(final, ru, ri, nu),
-                               pair_scores(ctx.original_final, ru, ri, nu))
+    rand_u = torch.randint(nu, (cfg.batch_size,), generator=gen)
+    rand_i = torch.randint(ni, (cfg.batch_size,), generator=gen)
+    ru, ri = torch.cat([u, rand_u]), torch.cat([i, rand_i])
+    new_scores = pair_scores(final, ru, ri, nu)
+    preserve_loss = F.mse_loss(new_scores, pair_scores(ctx.original_final, ru, ri, nu))
+
+    # unlearning loss: a deleted pair scoring above the mean random pair is penalised (the
+    # reference is detached: only the deleted pairs move, the random pairs are not raised)
+    d = req.deleted.select(_sample(len(req.deleted), cfg.batch_size, gen))
+    unseen = ~torch.isin(rand_u * ni + rand_i, ctx.train_keys)
+    random_mean = new_scores[len(u):][unseen].mean().detach()
+    unlearn_loss = F.relu(pair_scores(final, d.users, d.items, nu) - random_mean
+                          + cfg.unlearn_margin).mean()
 
     out = {"model": model_loss, "unlearn": unlearn_loss, "preserve": preserve_loss}
     if cfg.lambda_contrast > 0:
@@ -401,7 +404,9 @@ class UnlearnRec(RecRemovalMethod):
             self._check_model(model, graph)
             emb = model.embedding.weight
             if self.encoder is None or tuple(self.encoder.influence.shape) != tuple(emb.shape):
-                graph.check_train_ids(forget_ids)  # a bad request fails before pre-training
+                # a bad request fails (in the protocol's checks) before pre-training
+                if len(graph.check_train_ids(forget_ids)) == graph.n_train:
+                    return super().unlearn(model, graph, forget_ids)
                 pretrain_seconds = self.pretrain(model, graph).seconds
         result = super().unlearn(model, graph, forget_ids)
         result.details["pretrain_seconds"] = pretrain_seconds

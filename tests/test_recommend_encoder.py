@@ -1,0 +1,189 @@
+"""UnlearnRec's influence encoder on a small synthetic bipartite graph, judged by scores
+(deleted pairs against never-seen pairs, retained pairs against the original model) and by
+the retrained model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from baselines.recommend import RetrainRec
+from unlearn.recommend import (
+    BPRConfig,
+    InteractionGraph,
+    never_seen_pairs,
+    score_pairs,
+    train_lightgcn,
+)
+from unlearn.recommend.protocol import forget_request
+from unlearn.removal.recommend import (
+    UnlearnRec,
+    UnlearnRecConfig,
+    as_rec_edges,
+    lightgcn_embeddings,
+    normalized_adjacency,
+)
+
+CONFIG = BPRConfig(dim=16, num_layers=2, epochs=60, lr=1e-2, batch_size=64, seed=0)
+ENCODER = UnlearnRecConfig(pretrain_steps=40, finetune_steps=40, batch_size=256, hidden=16,
+                           lambda_unlearn=3.0, lambda_preserve=1.0, lr=0.02, finetune_lr=0.02,
+                           contrast_nodes=32, unlearn_margin=0.5)
+
+
+def community_graph(seed: int = 0, n_users: int = 30, n_items: int = 40,
+                    per_user: int = 8) -> InteractionGraph:
+    """Two communities of users, each liking its half of the items (plus one stray item)."""
+    g = torch.Generator().manual_seed(seed)
+    users, items = [], []
+    half = n_items // 2
+    for u in range(n_users):
+        c = 2 * u // n_users
+        own = torch.randperm(half, generator=g)[:per_user] + c * half
+        other = torch.randperm(half, generator=g)[:1] + (1 - c) * half
+        for i in torch.cat([own, other]).tolist():
+            users.append(u)
+            items.append(i)
+    return InteractionGraph.from_pairs(users, items, n_users=n_users, n_items=n_items,
+                                       test_fraction=0.2, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def graph() -> InteractionGraph:
+    return community_graph()
+
+
+@pytest.fixture(scope="module")
+def model(graph):
+    return train_lightgcn(graph, CONFIG)
+
+
+@pytest.fixture(scope="module")
+def method(model, graph):
+    m = UnlearnRec(ENCODER)
+    m.pretrain(model, graph)
+    return m
+
+
+def _scores(model, graph, pairs):
+    return score_pairs(model, graph, pairs)
+
+
+def _corr(a, b) -> float:
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def _auc(pos, neg) -> float:
+    return float((pos[:, None] > neg[None, :]).double().mean())
+
+
+def test_propagation_matches_torch_geometric(model, graph):
+    e = as_rec_edges(graph)
+    adj = normalized_adjacency(e.users, e.items, e.num_users, e.num_nodes)
+    mine = lightgcn_embeddings(model, model.embedding.weight, adj)
+    theirs = model.get_embedding(graph.edge_index())
+    assert torch.allclose(mine, theirs, atol=1e-5)
+
+
+def test_deleted_edges_fall_below_never_seen_pairs_while_the_rest_holds(model, graph, method):
+    forget = graph.train_ids[torch.randperm(graph.n_train,
+                                            generator=torch.Generator().manual_seed(3))[:12]]
+    remaining = graph.without(forget)
+    weights = copy.deepcopy(model.state_dict())
+    result = method.unlearn(model, graph, forget)
+    new = result.model
+    deleted = graph.pairs(forget)
+    never = never_seen_pairs(remaining, 300, seed=0)
+    kept = remaining.train_pairs()
+    before = float(_scores(model, graph, deleted).mean())
+    after = float(_scores(new, remaining, deleted).mean())
+    assert before > float(_scores(model, graph, never).mean()) + 1.0  # it was remembered
+    assert after < float(_scores(new, remaining, never).mean())  # now below random non-edges
+    # the rest holds, judged against retraining (the truth): the retained pairs keep their
+    # scores about as well as a retrained model does, and still rank far above random pairs
+    retrained = RetrainRec(CONFIG).unlearn(model, graph, forget).model
+    old_kept = _scores(model, graph, kept)
+    corr_new = _corr(old_kept, _scores(new, remaining, kept))
+    corr_ret = _corr(old_kept, _scores(retrained, remaining, kept))
+    assert corr_new > 0.6 and corr_new > corr_ret - 0.1
+    kept_auc = _auc(_scores(new, remaining, kept), _scores(new, remaining, never))
+    kept_auc_ret = _auc(_scores(retrained, remaining, kept), _scores(retrained, remaining, never))
+    assert kept_auc > kept_auc_ret - 0.03
+    for k, v in model.state_dict().items():  # the input model is untouched
+        assert torch.equal(v, weights[k])
+    assert result.details["n_forget"] == len(forget)
+    assert result.details["pretrain_seconds"] == 0.0  # pre-trained by the fixture
+    assert result.details["pretrained_on_this_model"] is True
+    assert result.seconds > 0
+
+
+def test_forget_a_whole_user(model, graph, method):
+    user = 7
+    forget = forget_request(graph, users=[user])
+    remaining = graph.without(forget)
+    new = method.unlearn(model, graph, forget).model
+    deleted = graph.pairs(forget)
+    mine = torch.full((graph.n_items,), user)
+    never = never_seen_pairs(remaining, 300, seed=1)
+    assert float(_scores(new, remaining, deleted).mean()) < float(
+        _scores(new, remaining, never).mean())
+    # the user's recommendations no longer favour their deleted items over the other items
+    all_items = torch.stack([mine, torch.arange(graph.n_items)], 1)
+    s = _scores(new, remaining, all_items)
+    assert float(s[deleted[:, 1]].mean()) < float(s.mean())
+    # other users' scores stay close to the original model's: they move far less than the
+    # deleted pairs did
+    others = remaining.train_pairs()
+    others = others[others[:, 0] != user]
+    old, now = _scores(model, graph, others), _scores(new, remaining, others)
+    assert _corr(old, now) > 0.75
+    drop = float(_scores(model, graph, deleted).mean() - _scores(new, remaining, deleted).mean())
+    assert float((now - old).abs().mean()) < 0.25 * drop
+
+
+def test_first_request_pretrains_outside_the_timer(model, graph):
+    m = UnlearnRec(ENCODER, pretrain_steps=3, finetune_steps=1)
+    forget = graph.user_interaction_ids(2)
+    result = m.unlearn(model, graph, forget)
+    assert result.details["pretrain_seconds"] > 0
+    assert result.details["pretrain_seconds_total"] == m.pretrain_report.seconds
+    assert m.pretrain_report.steps == 3
+    again = m.unlearn(model, graph, forget)
+    assert again.details["pretrain_seconds"] == 0.0
+
+
+def test_bad_requests_are_named(model, graph):
+    m = UnlearnRec(ENCODER, pretrain_steps=1)
+    with pytest.raises(ValueError, match="empty"):
+        m.unlearn(model, graph, [])
+    with pytest.raises(KeyError, match="unknown interaction"):
+        m.unlearn(model, graph, [10**6])
+    held_out = int(graph.test_ids[0])
+    with pytest.raises(KeyError, match="held-out"):
+        m.unlearn(model, graph, [held_out])
+    gone = graph.without(graph.train_ids[:1])
+    with pytest.raises(KeyError, match="never there or already removed"):
+        m.unlearn(model, gone, graph.train_ids[:1])
+    with pytest.raises(ValueError, match="unknown user"):
+        forget_request(graph, users=[graph.n_users])
+    with pytest.raises(ValueError, match="unknown item"):
+        graph.ids_of_pairs([0], [graph.n_items + 3])
+    with pytest.raises(KeyError, match="not training interactions"):
+        never = never_seen_pairs(graph, 1, seed=0)
+        graph.ids_of_pairs(never[:, 0], never[:, 1])
+    with pytest.raises(ValueError, match="every|all"):
+        m.unlearn(model, graph, graph.train_ids)
+    assert m.encoder is None  # nothing was pre-trained for a bad request
+
+
+def test_wrong_model_and_config(graph, model):
+    small = community_graph(n_users=10, n_items=12)
+    with pytest.raises(ValueError, match="nodes"):
+        UnlearnRec(ENCODER).unlearn(model, small, small.train_ids[:2])
+    with pytest.raises(TypeError, match="LightGCN"):
+        UnlearnRec(ENCODER).unlearn(torch.nn.Linear(2, 2), graph, graph.train_ids[:2])
+    with pytest.raises(ValueError, match="drop_rate"):
+        UnlearnRecConfig(drop_rate=1.5)
+    with pytest.raises(ValueError, match="finetune_steps"):
+        UnlearnRecConfig(finetune_steps=-1)
