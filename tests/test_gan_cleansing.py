@@ -8,7 +8,7 @@ from unlearn.generative.metrics import AverageLogLikelihood
 from unlearn.generative.models import gan_2d
 from unlearn.generative.training import replay, train_gan
 from unlearn.influence.gan import GANInfluence
-from unlearn.removal.gan import GANCleansing, selection_harm
+from unlearn.removal.gan import GANCleansing, metric_of, selection_harm, tail_of
 from unlearn.removal.gan_selection import (
     harm_from_influence,
     isolation_forest_harm,
@@ -129,6 +129,37 @@ def test_retrain_mode_trains_on_the_retained_data(run):
 
     GANCleansing(k=2, mode="retrain", retrain_fn=retrain_fn).cleanse(traj, harm=torch.ones(40))
     assert calls == [38]
+
+
+def test_last_steps_replays_the_end_of_the_run(run):
+    """One-epoch retraining: the tail from the recorded state; GANInfluence(last_steps=k)
+    predicts exactly this counterfactual (to first order)."""
+    traj, _, metric, z = run
+    nothing = GANCleansing(k=0, last_steps=4).cleanse(traj, harm=torch.zeros(40))
+    assert torch.equal(final_of(nothing), traj.final_params())
+    assert nothing.details["replayed_steps"] == 4
+    tail = tail_of(traj, 4)
+    in_tail = {i for t in range(4) for i in tail.batch(t)}
+    outside = [i for i in traj.train_ids.tolist() if i not in in_tail]
+    assert outside  # 4 steps = 2 batches of 10 out of 40 points
+    res = GANCleansing(last_steps=4).cleanse(traj, remove_ids=outside[:3])
+    assert torch.equal(final_of(res), traj.final_params())  # not seen in the tail: no effect
+    inside = sorted(in_tail)[:3]
+    res = GANCleansing(last_steps=4).cleanse(traj, remove_ids=inside)
+    assert not torch.equal(final_of(res), traj.final_params())
+    # the influence traced over the same steps ranks single removals as the tail replay does
+    est = GANInfluence(traj, metric, eval_latents=z, last_steps=16)
+    ids = traj.train_ids[::5].tolist()
+    base = est.value()
+    truth = torch.tensor([
+        metric_of(GANCleansing(last_steps=16).cleanse(traj, remove_ids=[i]).generator,
+                  metric, z) - base for i in ids])
+    pred = est.scores()[::5]
+    assert torch.corrcoef(torch.stack([pred, truth]))[0, 1] > 0.95
+    with pytest.raises(ValueError, match="mode='replay'"):
+        GANCleansing(k=1, mode="retrain", last_steps=4)
+    with pytest.raises(ValueError, match="last_steps must be in"):
+        GANCleansing(k=1, last_steps=10_000).cleanse(traj, harm=torch.zeros(40))
 
 
 def test_removal_count():

@@ -27,7 +27,9 @@ Retraining (``mode``):
 * ``"replay"`` (default): the recorded run again with the same batches, latents and learning
   rates, the removed instances' terms dropped (``unlearn.generative.training.replay``): the
   counterfactual the influence estimate predicts. Removing nothing gives back the trained
-  weights exactly.
+  weights exactly. ``last_steps=k`` replays only the last ``k`` steps from the recorded state
+  before them (the paper's cheaper "one-epoch retraining"; pair it with
+  ``GANInfluence(last_steps=k)``, which predicts exactly that counterfactual).
 * ``"retrain"``: a fresh run of ``train_gan`` on the retained data from the same initial
   weights with the same hyper-parameters (epochs, batch size, learning rates, schedule, loss,
   seed); the batches and latents differ from the original run, so this also measures whether
@@ -41,6 +43,7 @@ equals ``GANInfluence.value()``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -62,7 +65,7 @@ from unlearn.removal.gan_selection import (
 )
 
 __all__ = ["GANCleansing", "CleansingResult", "selection_harm", "SELECTIONS", "MODES",
-           "eval_latents_for", "metric_of"]
+           "eval_latents_for", "metric_of", "tail_of", "retrain_like"]
 
 MODES = ("replay", "retrain")
 SELECTIONS = ("influence", "discriminator_loss", "random", "isolation_forest")
@@ -108,7 +111,7 @@ class GANCleansing:
     def __init__(self, *, k: int | None = None, fraction: float | None = None,
                  mode: str = "replay",
                  retrain_fn: Callable[[IndexedDataset], GANTrajectory] | None = None,
-                 progress: bool = False) -> None:
+                 last_steps: int | None = None, progress: bool = False) -> None:
         if k is not None and fraction is not None:
             raise ValueError("give at most one of k (a count) and fraction (of the training set)")
         if k is not None or fraction is not None:  # type and range checks
@@ -118,6 +121,13 @@ class GANCleansing:
         if retrain_fn is not None and not callable(retrain_fn):
             raise TypeError(f"retrain_fn must be callable(dataset) -> GANTrajectory, got "
                             f"{retrain_fn!r}")
+        if last_steps is not None:
+            if isinstance(last_steps, bool) or not isinstance(last_steps, int) or last_steps < 1:
+                raise ValueError(f"last_steps must be a positive integer, got {last_steps!r}")
+            if mode != "replay":
+                raise ValueError("last_steps replays the end of the recorded run: it needs "
+                                 "mode='replay'")
+        self.last_steps = last_steps
         self.k = k
         self.fraction = fraction
         self.mode = mode
@@ -174,12 +184,15 @@ class GANCleansing:
                               ids=ids, higher_is_better=higher_is_better)
         start = time.perf_counter()
         if self.mode == "replay":
-            new_traj = replay(trajectory, removed, dataset=dataset, progress=self.progress)
+            base = trajectory if self.last_steps is None else \
+                tail_of(trajectory, self.last_steps, dataset=dataset)
+            new_traj = replay(base, removed, dataset=dataset, progress=self.progress)
         else:
             new_traj = self._retrain(trajectory, removed, dataset)
         g, d = new_traj.models()
         details: dict[str, Any] = {
             "method": "gan_cleansing", "mode": self.mode, "n_train": len(trajectory.train_ids),
+            "replayed_steps": len(new_traj),
             "n_removed": len(removed), "removed_ids": removed,
             "selection": "scores" if scores is not None else
             "harm" if harm is not None else "remove_ids",
@@ -209,6 +222,28 @@ class GANCleansing:
                 raise TypeError(f"retrain_fn must return a GANTrajectory, got {type(out)}")
             return out
         return retrain_like(trajectory, retained, progress=self.progress)
+
+
+def tail_of(trajectory: GANTrajectory, last_steps: int, *,
+            dataset: IndexedDataset | None = None) -> GANTrajectory:
+    """The last ``last_steps`` steps of a run as a run of their own, starting from the recorded
+    state before them: replaying it without some ids is the paper's cheaper "one-epoch
+    retraining" (the counterfactual that ``GANInfluence(last_steps=...)`` predicts)."""
+    T = len(trajectory)
+    if not 1 <= last_steps <= T:
+        raise ValueError(f"last_steps must be in 1..{T} (the run's steps), got {last_steps}")
+    start = T - last_steps
+    state = trajectory.state_at(start, dataset)
+    lo = int(trajectory.batch_offsets[start])
+    return dataclasses.replace(
+        trajectory,
+        kinds=trajectory.kinds[start:], lr_d=trajectory.lr_d[start:],
+        lr_g=trajectory.lr_g[start:], batch_offsets=trajectory.batch_offsets[start:] - lo,
+        batch_ids=trajectory.batch_ids[lo:], seeds_d=trajectory.seeds_d[start:],
+        seeds_g=trajectory.seeds_g[start:], n_fake_d=trajectory.n_fake_d[start:],
+        n_fake_g=trajectory.n_fake_g[start:],
+        checkpoints={0: state, last_steps: trajectory.state_at(T, dataset)},
+    )
 
 
 def retrain_like(trajectory: GANTrajectory, dataset: IndexedDataset, *,
