@@ -132,7 +132,7 @@ def _ms(values: list[float], fmt: str = "{:.4f}") -> str:
         return "–"
     if len(values) == 1:
         return fmt.format(values[0])
-    return f"{fmt.format(np.mean(values))} ± {fmt.format(np.std(values, ddof=1))}"
+    return f"{fmt.format(np.mean(values))} ± {fmt.replace('+', '').format(np.std(values, ddof=1))}"
 
 
 def _by(rows: list[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
