@@ -131,3 +131,13 @@ def test_classifier_cache_reload_and_corrupt_file(tmp_path, monkeypatch):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="delete it to retrain"):
         load_or_train_mnist_classifier(MNIST, cache_dir=tmp_path, epochs=1, n_train=500)
+
+
+def test_float64_samples_with_the_float32_classifier(classifier, digits):
+    x, _ = digits
+    fid = FrechetDistance(classifier, x[:300])
+    s = x[300:600].double().requires_grad_(True)
+    value = fid(s)
+    value.backward()
+    assert s.grad.dtype == torch.float64 and torch.isfinite(s.grad).all()
+    assert value.item() == pytest.approx(fid(x[300:600]).item(), rel=1e-5)

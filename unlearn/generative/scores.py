@@ -211,9 +211,11 @@ def classifier_features(
     """``(features [n, FEATURE_DIM], log-probabilities [n, 10])`` of ``images`` (pixels in
     ``value_range``), in batches; differentiable when ``images`` requires grad."""
     _check_samples(images)
+    dtype = next(classifier.parameters()).dtype
     feats, logps = [], []
     for start in range(0, len(images), batch_size):
         x = _to_unit_range(images[start : start + batch_size], value_range)
+        x = x.to(dtype)  # float64 generators with the float32 classifier (autograd casts back)
         f = classifier.features(x)
         feats.append(f)
         logps.append(F.log_softmax(classifier.fc2(f), dim=1))
