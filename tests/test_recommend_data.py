@@ -180,6 +180,12 @@ def test_ids_of_pairs_names_pairs_that_were_never_there():
     never = never_seen_pairs(g, 1)
     with pytest.raises(KeyError, match="not training interactions"):
         g.ids_of_pairs(never[:, 0], never[:, 1])
+    with pytest.raises(ValueError, match="unknown item"):
+        g.ids_of_pairs([0], [g.n_items])
+    with pytest.raises(ValueError, match="unknown user"):
+        g.ids_of_pairs([-1], [0])
+    with pytest.raises(ValueError, match="unknown item"):
+        g.item_interaction_ids(g.n_items)
 
 
 def test_invalid_graphs_are_rejected():
