@@ -148,3 +148,18 @@ def test_console_script_reports_errors_without_traceback() -> None:
     assert proc.returncode == 2
     assert "expected a positive integer, got '-3'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_gan_cleanse_is_a_subcommand_of_unlearn(tmp_path, capsys):
+    import json
+
+    from unlearn.cli import main
+
+    out = tmp_path / "gan"
+    assert main(["gan-cleanse", "--dataset", "2d", "--n-train", "60", "--epochs", "2",
+                 "--batch-size", "20", "--fraction", "0.1", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["n_removed"] == 6
+    # a bad request is a clear error and exit status 2, not a traceback
+    assert main(["gan-cleanse", "--dataset", "mnist", "--mnist-root", str(tmp_path / "none"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "MNIST" in capsys.readouterr().err

@@ -525,8 +525,15 @@ def _run_audit(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- main
 
+def _add_gan_cleanse(sub: argparse._SubParsersAction) -> None:
+    from unlearn import cli_gan  # its parser imports no torch
+
+    cli_gan.add_parser(sub)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_demo, _add_influence_demo, _add_request, _add_process, _add_audit, _add_ledger]
+    _add_demo, _add_influence_demo, _add_request, _add_process, _add_audit, _add_ledger,
+    _add_gan_cleanse]
 
 
 def build_parser() -> argparse.ArgumentParser:
