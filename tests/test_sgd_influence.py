@@ -271,6 +271,25 @@ def test_lightning_log_gives_the_plain_recorders_estimate(data):
     torch.testing.assert_close(from_log, from_recorder, rtol=1e-6, atol=1e-12)
 
 
+def test_lightning_log_with_gradient_accumulation(data):
+    """Lightning divides each batch's loss by accumulate_grad_batches, also when an epoch
+    ends with a shorter group (4 batches per epoch, groups of 3 and 1): replay must agree."""
+    from unlearn.lightning import TrainingLogCallback
+
+    train, query = data
+    log = TrainingLogCallback(every_n_steps=1)
+    module = _Module()
+    pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False, callbacks=[log],
+               accumulate_grad_batches=3).fit(
+        module, DataLoader(train, batch_size=16, sampler=_Seeded(len(train))))
+    traj = Trajectory.from_training_log(log)
+    assert traj.num_steps == 4 and len(traj.steps[0].ids) == 48
+    est = _fit(module, log, train, replay_rtol=1e-9)  # every checkpoint and the end checked
+    assert est.replay_gap < 1e-12
+    assert torch.isfinite(est.influence(_loader(query))).all()
+
+
 # ---------------------------------------------------------------------- bad input
 
 def _fake_log(ids=(0, 1), cls="SGD", lrs=((0.1,),)):

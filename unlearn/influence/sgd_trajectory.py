@@ -200,8 +200,9 @@ class Trajectory:
     def from_training_log(cls, log: Any, *, optimizer: SGDConfig | None = None) -> Trajectory:
         """Read a ``TrainingLogCallback`` (or anything with its ``steps``, ``checkpoints`` and
         ``optimizers``). Batches that share an optimizer step (gradient accumulation) form
-        one step whose gradient is the mean of their mean losses. ``optimizer`` overrides
-        the log's description of the optimizer."""
+        one step; as Lightning does, each batch's mean loss is divided by the accumulation
+        count (read as the largest number of batches sharing a step), also in a shorter last
+        group of an epoch. ``optimizer`` overrides the log's description of the optimizer."""
         records = list(getattr(log, "steps", []))
         if not records:
             raise ValueError("the training log has no steps: was it attached to a fit?")
@@ -225,12 +226,15 @@ class Trajectory:
             missing = sorted(set(range(max(groups) + 1)) - set(groups))
             raise ValueError(f"the training log's steps are not 0..T-1 without gaps (missing "
                              f"{missing[:5]}); it must cover the run from its first step")
-        steps = [_log_step(t, groups[t]) for t in range(len(groups))]
+        # Lightning divides every batch's loss by accumulate_grad_batches, also in a shorter
+        # last group of an epoch; the log does not record it, the largest group shows it
+        accumulate = max(len(g) for g in groups.values())
+        steps = [_log_step(t, groups[t], accumulate) for t in range(len(groups))]
         checkpoints = {int(s): w for s, w in getattr(log, "checkpoints", [])}
         return cls(steps, optimizer, checkpoints)
 
 
-def _log_step(t: int, records: list[Any]) -> TrajectoryStep:
+def _log_step(t: int, records: list[Any], accumulate: int) -> TrajectoryStep:
     lrs = records[0].lrs
     if len(lrs) != 1:
         raise UnsupportedOptimizerError(
@@ -240,11 +244,11 @@ def _log_step(t: int, records: list[Any]) -> TrajectoryStep:
             f"step {t}: param groups use different learning rates {list(lrs[0])}; "
             "SGD-influence needs one learning rate for all parameters")
     ids, weights = [], []
-    for r in records:  # accumulated micro-batches: mean of their mean losses
+    for r in records:  # accumulated micro-batches: each mean loss divided by `accumulate`
         if not r.ids:
             raise ValueError(f"step {t}: batch {r.batch_idx} has no ids")
         ids.extend(r.ids)
-        weights.extend([1.0 / (len(records) * len(r.ids))] * len(r.ids))
+        weights.extend([1.0 / (accumulate * len(r.ids))] * len(r.ids))
     return TrajectoryStep(torch.tensor(ids, dtype=torch.long),
                           torch.tensor(weights, dtype=torch.float64), float(lrs[0][0]))
 
