@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -346,9 +346,9 @@ class SGDInfluence(InfluenceEstimator):
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         cols = self._columns(train_loader)
-        Q = torch.cat(list(iter_grads(self.model, self.task, query_loader, self.space,
-                                      query=True)))
-        S = self.propagate(Q)[:, cols].cpu()
+        blocks = [self.propagate(Q)[:, cols].cpu()
+                  for Q in self._gradient_chunks(query_loader, query=True)]
+        S = torch.cat(blocks)
         if top_k is not None:
             return S.topk(min(top_k, S.shape[1]), dim=1)
         if out is not None:
@@ -361,9 +361,29 @@ class SGDInfluence(InfluenceEstimator):
         self._require_fitted()
         check_loader(train_loader, "train_loader")
         cols = self._columns(train_loader)
-        G = torch.cat(list(iter_grads(self.model, self.task, train_loader, self.space)))
-        S = self.propagate(G)
-        return S[torch.arange(len(cols)), cols].cpu()
+        out, row = [], 0
+        for G in self._gradient_chunks(train_loader, query=False):
+            S = self.propagate(G)
+            own = cols[row:row + G.shape[0]].to(S.device)
+            out.append(S[torch.arange(G.shape[0], device=S.device), own].cpu())
+            row += G.shape[0]
+        return torch.cat(out)
+
+    def _gradient_chunks(self, loader: DataLoader, query: bool) -> Iterator[Tensor]:
+        """Per-sample gradients at θ_T in blocks of at most ``query_chunk`` rows, so that
+        only one block of ``[chunk, P]`` gradients is held at a time."""
+        chunk = self.query_chunk or 256
+        pending: list[Tensor] = []
+        held = 0
+        for G in iter_grads(self.model, self.task, loader, self.space, query=query):
+            pending.append(G)
+            held += G.shape[0]
+            while held >= chunk:
+                block = torch.cat(pending)
+                yield block[:chunk]
+                pending, held = [block[chunk:]], block.shape[0] - chunk
+        if held:
+            yield torch.cat(pending)
 
     def _columns(self, loader: DataLoader) -> Tensor:
         """Positions in ``dataset`` of the loader's examples, in its order."""
