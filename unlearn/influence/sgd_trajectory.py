@@ -40,7 +40,7 @@ from torch.utils.data import TensorDataset
 from torch.utils.data._utils.collate import default_collate
 
 from unlearn.checkpoints import read_weights_file
-from unlearn.data import IndexedDataset, UnknownIdError
+from unlearn.data import IndexedDataset
 from unlearn.influence.grads import ParamSpace, check_finite_batch, model_dtype_device, to_model
 from unlearn.tasks import Task
 
@@ -411,11 +411,7 @@ class SGDReplay:
         self.space = ParamSpace.of(model)
         self.dtype, self.device = model_dtype_device(model)
         self.fetch = BatchFetcher(dataset, model)
-        all_ids = trajectory.ids()
-        try:
-            dataset.index_of(all_ids)
-        except UnknownIdError as err:
-            raise UnknownIdError(err.unknown) from None
+        dataset.index_of(trajectory.ids())  # ids the dataset lacks raise UnknownIdError
         self.positions = [self.fetch.positions(s.ids) for s in trajectory.steps]
         self.n = len(dataset)
         if self.fetch._tensors is not None:  # cheap up-front check; others fail at their step
