@@ -250,3 +250,12 @@ def test_process_with_newton(project: Path, tmp_path: Path,
                                  'method_options = { estimator = "nope" }'), "bad.toml")
     code, _, err = _cli(["process", "--ledger", db, "--config", bad], capsys)
     assert code == 2 and "unknown estimator 'nope'" in err
+    # estimators without an inverse-HVP cannot drive a Newton step: named as unknown, with
+    # the ones that can
+    for name in ("tracin", "sgd"):
+        cfg_bad = _write_config(project, CONFIG.replace('method = "iau"', 'method = "newton"')
+                                .replace("method_options = { step_scale = 10.0 }",
+                                         f'method_options = {{ estimator = "{name}" }}'),
+                                f"bad_{name}.toml")
+        code, _, err = _cli(["process", "--ledger", db, "--config", cfg_bad], capsys)
+        assert code == 2 and f"unknown estimator '{name}'" in err and "'ekfac'" in err
