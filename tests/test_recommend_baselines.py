@@ -88,7 +88,7 @@ def test_forgetting_a_user_lowers_the_deleted_pair_scores(graph, model, method):
     assert result.details["remaining_graph"].n_train == graph.n_train - len(forget)
 
 
-def test_partial_removal_moves_influence_and_finetune_towards_retraining(graph, model):
+def test_partial_removal_moves_the_influence_step_towards_retraining(graph, model):
     """Remove a third of the interactions of three users: the deleted pairs' scores under
     retraining are the truth; the influence step must move them toward it."""
     forget = torch.cat([graph.user_interaction_ids(u)[:3] for u in (1, 12, 20)])
