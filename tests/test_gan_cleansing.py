@@ -61,21 +61,54 @@ def test_removing_brute_force_harmful_instances_improves_the_metric(run):
     truth = est.replay_truth()  # true metric change of each single removal
     k = 4
     harmful = traj.train_ids[torch.argsort(truth, descending=True)[:k]].tolist()
-    res = GANCleansing(k=k).cleanse(traj, remove_ids=harmful, metric=metric, eval_latents=z)
+    # replay_truth keeps each batch's divisor: cleanse with the same protocol
+    res = GANCleansing(k=k, renormalize=False).cleanse(traj, remove_ids=harmful, metric=metric,
+                                                       eval_latents=z)
     assert res.details["metric_before"] == pytest.approx(est.value(), abs=1e-12)
     assert res.details["improved"] and res.details["metric_change"] > 0
     # better than removing k random instances, on average over several draws
     random_changes = [
-        GANCleansing(k=k).cleanse(traj, harm=random_harm(40, s), metric=metric,
-                                  eval_latents=z).details["metric_change"]
+        GANCleansing(k=k, renormalize=False).cleanse(
+            traj, harm=random_harm(40, s), metric=metric, eval_latents=z).details["metric_change"]
         for s in range(5)
     ]
     assert res.details["metric_change"] > max(random_changes)
     # the influence estimate picks instances whose removal helps as well
-    by_influence = GANCleansing(k=k).cleanse(traj, scores=est.scores(), metric=metric,
-                                             eval_latents=z)
+    by_influence = GANCleansing(k=k, renormalize=False).cleanse(
+        traj, scores=est.scores(), metric=metric, eval_latents=z)
     assert by_influence.details["metric_change"] > sum(random_changes) / len(random_changes)
     assert by_influence.details["metric_change"] > 0
+
+
+def test_renormalized_replay_averages_over_the_kept_instances(run):
+    """Default replay: each batch's real term is the mean over the instances it keeps. Checked
+    against a hand-written first D step with torch.optim.SGD."""
+    import torch.nn.functional as F
+
+    traj, data, *_ = run
+    batch0 = traj.batch(0)
+    removed = batch0[:3] + [i for i in traj.train_ids.tolist() if i not in batch0][:2]
+    res = GANCleansing().cleanse(traj, remove_ids=removed)
+    assert res.details["divisor"] == "retained"
+    g, d = traj.models(0)
+    kept = [i for i in batch0 if i not in removed]
+    x = data.tensors()[0][data.index_of(kept)]
+    opt = torch.optim.SGD(d.parameters(), lr=float(traj.lr_d[0]))
+    with torch.no_grad():
+        fake = g(traj.latents(0, "d"))
+    loss = F.softplus(-d(x)).mean() + F.softplus(d(fake)).mean()
+    loss.backward()
+    opt.step()
+    _, d1 = res.trajectory.models(1)
+    for p, q in zip(d.parameters(), d1.parameters()):
+        assert torch.allclose(p, q, atol=1e-12, rtol=0)
+    # the batch-size divisor (renormalize=False) is a different update
+    _, d1_fixed = GANCleansing(renormalize=False).cleanse(traj, remove_ids=removed) \
+        .trajectory.models(1)
+    assert not all(torch.allclose(p, q) for p, q in zip(d1_fixed.parameters(), d.parameters()))
+    # every later batch lost exactly the removed ids
+    for t in range(len(traj)):
+        assert res.trajectory.batch(t) == [i for i in traj.batch(t) if i not in removed]
 
 
 def test_influence_selection_follows_the_metric_direction(run):
@@ -152,8 +185,8 @@ def test_last_steps_replays_the_end_of_the_run(run):
     ids = traj.train_ids[::5].tolist()
     base = est.value()
     truth = torch.tensor([
-        metric_of(GANCleansing(last_steps=16).cleanse(traj, remove_ids=[i]).generator,
-                  metric, z) - base for i in ids])
+        metric_of(GANCleansing(last_steps=16, renormalize=False).cleanse(traj, remove_ids=[i])
+                  .generator, metric, z) - base for i in ids])
     pred = est.scores()[::5]
     assert torch.corrcoef(torch.stack([pred, truth]))[0, 1] > 0.95
     with pytest.raises(ValueError, match="mode='replay'"):

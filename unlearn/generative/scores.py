@@ -13,6 +13,7 @@ gradient with respect to generated images (and through them, the generator):
   trace is the sum of square roots of the eigenvalues of a symmetric PSD matrix; it equals
   ``tr sqrt(S_r S_g)`` and is differentiated through ``torch.linalg.eigvalsh``, whose backward
   pass uses only the eigenvectors (no ``1/(l_i - l_j)`` terms, so repeated eigenvalues are safe).
+  The square root's slope is capped near zero eigenvalues (see :func:`frechet_distance`).
 * IS: ``exp(mean_x KL(p(y|x) || p(y)))`` with ``p(y)`` the mean of ``p(y|x)`` over the samples.
 
 >>> clf = load_or_train_mnist_classifier("../shared/data/mnist-t10k", cache_dir="cache")
@@ -249,16 +250,24 @@ def frechet_distance(
     cov1_trace: Tensor,
     mu2: Tensor,
     cov2: Tensor,
-    eps: float = 1e-12,
+    smoothing: float = 1e-4,
 ) -> Tensor:
     """Fréchet distance between N(mu1, cov1) and N(mu2, cov2), given ``cov1``'s symmetric
-    square root and trace (fixed reference) and ``cov2`` (differentiable)."""
+    square root and trace (fixed reference) and ``cov2`` (differentiable).
+
+    The value is exact. Its gradient is smoothed: ``d sqrt(l)/dl = 1/(2 sqrt(l))`` is infinite
+    at a zero eigenvalue (a feature that is constant over the generated samples but varies over
+    the real ones) and huge near one, which would let a few degenerate directions dominate an
+    influence estimate; the gradient used is that of ``sqrt(l + e)`` with ``e = smoothing``
+    times the mean eigenvalue (straight-through: value of ``sqrt(l)``, slope of
+    ``sqrt(l + e)``)."""
     middle = cov1_sqrt @ cov2 @ cov1_sqrt
     middle = (middle + middle.T) / 2  # exact symmetry for eigvalsh
-    # clamp: tiny negative eigenvalues from round-off; + eps: sqrt's infinite slope at 0 (the
-    # shift by sqrt(eps) keeps a zero eigenvalue, e.g. a dead ReLU feature, at exactly 0)
-    vals = torch.linalg.eigvalsh(middle).clamp_min(0)
-    tr_sqrt = ((vals + eps).sqrt() - eps**0.5).sum()
+    vals = torch.linalg.eigvalsh(middle).clamp_min(0)  # round-off can give tiny negatives
+    e = smoothing * float(vals.detach().mean().clamp_min(1e-300))
+    smooth = (vals + e).sqrt()
+    exact = vals.detach().sqrt()
+    tr_sqrt = ((exact - smooth).detach() + smooth).sum()
     return (mu1 - mu2).square().sum() + cov1_trace + torch.diagonal(cov2).sum() - 2 * tr_sqrt
 
 

@@ -25,9 +25,13 @@ held-out real and generated samples, lower is better), ``"random"``, ``"isolatio
 Retraining (``mode``):
 
 * ``"replay"`` (default): the recorded run again with the same batches, latents and learning
-  rates, the removed instances' terms dropped (``unlearn.generative.training.replay``): the
-  counterfactual the influence estimate predicts. Removing nothing gives back the trained
-  weights exactly. ``last_steps=k`` replays only the last ``k`` steps from the recorded state
+  rates, minus the removed instances. By default (``renormalize=True``, as the reference
+  code's retraining) each real batch is averaged over the instances it keeps; with
+  ``renormalize=False`` the original batch size stays the divisor
+  (``unlearn.generative.training.replay``), the exact counterfactual the influence estimate
+  linearises, which at large removal rates also shrinks D's real-data term by the removal
+  rate. Removing nothing gives back the trained weights exactly either way.
+  ``last_steps=k`` replays only the last ``k`` steps from the recorded state
   before them (the paper's cheaper "one-epoch retraining"; pair it with
   ``GANInfluence(last_steps=k)``, which predicts exactly that counterfactual).
 * ``"retrain"``: a fresh run of ``train_gan`` on the retained data from the same initial
@@ -65,7 +69,7 @@ from unlearn.removal.gan_selection import (
 )
 
 __all__ = ["GANCleansing", "CleansingResult", "selection_harm", "SELECTIONS", "MODES",
-           "eval_latents_for", "metric_of", "tail_of", "retrain_like"]
+           "eval_latents_for", "metric_of", "tail_of", "retrain_like", "drop_from_batches"]
 
 MODES = ("replay", "retrain")
 SELECTIONS = ("influence", "discriminator_loss", "random", "isolation_forest")
@@ -111,7 +115,8 @@ class GANCleansing:
     def __init__(self, *, k: int | None = None, fraction: float | None = None,
                  mode: str = "replay",
                  retrain_fn: Callable[[IndexedDataset], GANTrajectory] | None = None,
-                 last_steps: int | None = None, progress: bool = False) -> None:
+                 last_steps: int | None = None, renormalize: bool = True,
+                 progress: bool = False) -> None:
         if k is not None and fraction is not None:
             raise ValueError("give at most one of k (a count) and fraction (of the training set)")
         if k is not None or fraction is not None:  # type and range checks
@@ -128,6 +133,7 @@ class GANCleansing:
                 raise ValueError("last_steps replays the end of the recorded run: it needs "
                                  "mode='replay'")
         self.last_steps = last_steps
+        self.renormalize = bool(renormalize)
         self.k = k
         self.fraction = fraction
         self.mode = mode
@@ -186,13 +192,18 @@ class GANCleansing:
         if self.mode == "replay":
             base = trajectory if self.last_steps is None else \
                 tail_of(trajectory, self.last_steps, dataset=dataset)
-            new_traj = replay(base, removed, dataset=dataset, progress=self.progress)
+            if self.renormalize:
+                base = drop_from_batches(base, removed)
+                new_traj = replay(base, [], dataset=dataset, progress=self.progress)
+            else:
+                new_traj = replay(base, removed, dataset=dataset, progress=self.progress)
         else:
             new_traj = self._retrain(trajectory, removed, dataset)
         g, d = new_traj.models()
         details: dict[str, Any] = {
             "method": "gan_cleansing", "mode": self.mode, "n_train": len(trajectory.train_ids),
             "replayed_steps": len(new_traj),
+            "divisor": "retained" if self.renormalize else "batch",
             "n_removed": len(removed), "removed_ids": removed,
             "selection": "scores" if scores is not None else
             "harm" if harm is not None else "remove_ids",
@@ -222,6 +233,25 @@ class GANCleansing:
                 raise TypeError(f"retrain_fn must return a GANTrajectory, got {type(out)}")
             return out
         return retrain_like(trajectory, retained, progress=self.progress)
+
+
+def drop_from_batches(trajectory: GANTrajectory, removed: Any) -> GANTrajectory:
+    """The run with ``removed`` taken out of its recorded batches, so that replaying it averages
+    each real batch over the instances it keeps (``replay`` alone keeps the original batch
+    size as the divisor). Latents, learning rates and the order of everything else stay."""
+    drop = set(trajectory.check_ids(removed, "removed ids"))
+    if not drop:
+        return trajectory
+    keep = torch.tensor([i not in drop for i in trajectory.batch_ids.tolist()], dtype=torch.bool)
+    counts = torch.zeros(len(trajectory), dtype=torch.int64)
+    step_of = torch.repeat_interleave(torch.arange(len(trajectory)),
+                                      trajectory.batch_offsets.diff())
+    counts.index_add_(0, step_of[keep], torch.ones(int(keep.sum()), dtype=torch.int64))
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    excluded = sorted(set(trajectory.excluded_ids.tolist()) | drop)
+    return dataclasses.replace(trajectory, batch_ids=trajectory.batch_ids[keep],
+                               batch_offsets=offsets,
+                               excluded_ids=torch.tensor(excluded, dtype=torch.int64))
 
 
 def tail_of(trajectory: GANTrajectory, last_steps: int, *,
