@@ -15,7 +15,7 @@ import torch
 from unlearn.data import UnknownIdError, from_tensors
 from unlearn.generative.metrics import AverageLogLikelihood
 from unlearn.generative.models import gan_2d
-from unlearn.generative.training import train_gan
+from unlearn.generative.training import replay, train_gan
 from unlearn.influence import GANInfluence
 
 N_TRAIN = 16
@@ -66,6 +66,34 @@ def test_tiny_learning_rate_is_near_exact(data):
     est = GANInfluence(traj, AverageLogLikelihood(val), eval_latents=200)
     scores, truth = est.scores(), est.replay_truth()
     assert _rel_err(scores, truth) < 1e-3
+
+
+@pytest.mark.parametrize("options", [{}, {"momentum": 0.8}])
+def test_estimate_is_the_exact_derivative_even_where_removal_is_nonlinear(data, options):
+    """With a large learning rate, leaving a whole instance out is far outside the linear
+    regime (the estimate misses the replay truth), yet the estimate must still equal the
+    derivative: a finite difference that down-weights the instance by ε in the replay."""
+    dataset, val = data
+    traj = _train(dataset, lr=0.4, epochs=5, **options)
+    est = GANInfluence(traj, AverageLogLikelihood(val), eval_latents=100)
+    scores, base, eps = est.scores(), est.value(), 1e-6
+    ids = dataset.ids.tolist()
+    fd = torch.tensor(
+        [(est.value(replay(traj, weights={i: 1 - eps}).final_params()) - base) / eps for i in ids]
+    )
+    fd_err = _rel_err(scores, fd)
+    assert fd_err < 1e-4
+    assert _rel_err(scores, est.replay_truth()) > 100 * fd_err  # the regime is nonlinear
+
+
+def test_scores_on_a_reweighted_trajectory(data):
+    """An instance with weight w in the recorded run: removing it moves w to 0; with a tiny
+    learning rate the estimate matches the replay truth."""
+    dataset, val = data
+    traj = replay(_train(dataset, lr=1e-4), weights={5: 0.5, 7: 2.0})
+    est = GANInfluence(traj, AverageLogLikelihood(val), eval_latents=100)
+    truth = est.replay_truth(ids=[5, 7, 9])
+    assert _rel_err(est.scores()[[5, 7, 9]], truth) < 1e-3
 
 
 @pytest.mark.parametrize(

@@ -89,6 +89,23 @@ def test_replay_excluding_ids_equals_training_on_weights_with_them_dropped():
         assert torch.equal(out.params_at(t), traj.params_at(t))
 
 
+def test_replay_with_weights():
+    traj = _train()
+    zero = replay(traj, weights={103: 0.0})
+    dropped = replay(traj, [103])
+    torch.testing.assert_close(zero.final_params(), dropped.final_params(), rtol=1e-12, atol=1e-14)
+    assert torch.equal(replay(traj, weights={103: 1.0}).final_params(), traj.final_params())
+    heavy = replay(traj, weights={103: 3.0})
+    assert not torch.allclose(heavy.final_params(), traj.final_params())
+    assert dict(zip(heavy.weight_ids.tolist(), heavy.weight_values.tolist())) == {103: 3.0}
+    with pytest.raises(ValueError, match="weight of id 103"):
+        replay(traj, weights={103: -1.0})
+    with pytest.raises(ValueError, match="weight of id 103"):
+        replay(traj, weights={103: float("nan")})
+    with pytest.raises(UnknownIdError):
+        replay(traj, weights={7: 0.5})
+
+
 def test_replay_bad_inputs():
     traj = _train()
     with pytest.raises(UnknownIdError, match="5"):
@@ -125,6 +142,9 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(getattr(loaded, name), getattr(traj, name)), name
     assert set(loaded.checkpoints) == set(traj.checkpoints)
     assert (loaded.n_disc, loaded.weight_decay_d, loaded.loss) == (2, 0.01, "nonsaturating")
+    weighted = replay(traj, weights={104: 0.5})
+    again = GANTrajectory.load(weighted.save(tmp_path / "w.safetensors"), dataset=traj.dataset)
+    assert torch.equal(replay(again).final_params(), weighted.final_params())
     assert torch.equal(replay(loaded).final_params(), traj.final_params())
     assert torch.equal(replay(loaded, [104]).final_params(), replay(traj, [104]).final_params())
     # without a data set it still loads; replay then asks for one

@@ -173,6 +173,8 @@ class GANTrajectory:
     checkpoint_every: int
     checkpoints: dict[int, Tensor]
     excluded_ids: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    weight_ids: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    weight_values: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
     momentum: float = 0.0
     dataset: IndexedDataset | None = None
     _data: RealData | None = field(default=None, repr=False)
@@ -334,6 +336,8 @@ class GANTrajectory:
             "n_fake_d": self.n_fake_d,
             "n_fake_g": self.n_fake_g,
             "excluded_ids": self.excluded_ids,
+            "weight_ids": self.weight_ids,
+            "weight_values": self.weight_values,
         }
         for t, theta in self.checkpoints.items():
             tensors[f"checkpoint.{t}"] = theta
@@ -455,6 +459,8 @@ class GANTrajectory:
             checkpoint_every=int(meta["checkpoint_every"]),
             checkpoints=checkpoints,
             excluded_ids=tensors["excluded_ids"],
+            weight_ids=tensors.get("weight_ids", torch.zeros(0, dtype=torch.long)),
+            weight_values=tensors.get("weight_values", torch.zeros(0, dtype=torch.float64)),
             momentum=float(meta.get("momentum", 0.0)),
         )
         traj.validate(str(path))
@@ -498,7 +504,11 @@ class GANTrajectory:
         if bad_kinds:
             raise ValueError(f"{where}: unknown step kinds {sorted(bad_kinds)}")
         known = set(self.train_ids.tolist())
-        for name in ("batch_ids", "excluded_ids"):
+        if self.weight_ids.shape != self.weight_values.shape or self.weight_ids.dim() != 1:
+            raise ValueError(f"{where}: weight_ids and weight_values do not match")
+        if not (torch.isfinite(self.weight_values).all() and (self.weight_values >= 0).all()):
+            raise ValueError(f"{where}: instance weights must be finite and >= 0")
+        for name in ("batch_ids", "excluded_ids", "weight_ids"):
             stray = [i for i in set(getattr(self, name).tolist()) if i not in known]
             if stray:
                 raise ValueError(f"{where}: {name} holds ids not in train_ids, e.g. {stray[:5]}")
@@ -577,6 +587,18 @@ def kept_batch(traj: GANTrajectory, t: int, data: RealData) -> tuple[list[int], 
     return kept, data.x[data.rows(kept)], len(ids)
 
 
+def instance_weights(traj: GANTrajectory, kept: list[int]) -> Tensor | None:
+    """Weights of ``kept`` ids' real-data terms (None: all 1, the common case); set by
+    ``replay(..., weights=...)``, e.g. for finite-difference checks of the influence."""
+    if not traj.weight_ids.numel():
+        return None
+    table = dict(zip(traj.weight_ids.tolist(), traj.weight_values.tolist(), strict=True))
+    if not any(i in table for i in kept):
+        return None
+    values = [table.get(i, 1.0) for i in kept]
+    return torch.tensor(values, dtype=traj.dtype, device=traj.device)
+
+
 def sgd_step(traj: GANTrajectory, state: Tensor, t: int, data: RealData) -> Tensor:
     """state_{t+1} from state_t: the one update function training, replay and influence share."""
     kind = int(traj.kinds[t])
@@ -589,9 +611,11 @@ def sgd_step(traj: GANTrajectory, state: Tensor, t: int, data: RealData) -> Tens
     new = [theta_g.detach(), theta_d.detach()]
     vel = [state[P : P + ng], state[P + ng :]] if mu else []
     if kind & UPDATE_D:
-        _, x_real, denom = kept_batch(traj, t, data)
+        kept, x_real, denom = kept_batch(traj, t, data)
         pg_fixed = traj.g_space.unflatten(theta_g.detach())
-        loss_d = discriminator_loss(traj, pg_fixed, pd, x_real, traj.latents(t, "d"), denom)
+        z = traj.latents(t, "d")
+        w = instance_weights(traj, kept)
+        loss_d = discriminator_loss(traj, pg_fixed, pd, x_real, z, denom, w)
         (step_d,) = torch.autograd.grad(loss_d, theta_d)
         if mu:
             step_d = vel[1] = mu * vel[1] + step_d
@@ -812,6 +836,7 @@ def replay(
     exclude_ids: Any = (),
     *,
     dataset: IndexedDataset | None = None,
+    weights: dict[int, float] | None = None,
     checkpoint_every: int | None = None,
     progress: bool = False,
 ) -> GANTrajectory:
@@ -821,6 +846,10 @@ def replay(
     batch divisor stays the original batch size, the SGD-influence counterfactual). Returns a
     new :class:`GANTrajectory` whose ``excluded_ids`` lists the union of the old and new
     exclusions; with nothing excluded it reproduces ``trajectory`` bit for bit.
+
+    ``weights={id: w}`` instead scales those instances' real-data terms by ``w >= 0`` (1: as
+    recorded, 0: like exclusion); a small down-weighting ``1 - ε`` gives finite-difference
+    checks of the influence derivative. Weights replace earlier weights of the same ids.
     """
     if not isinstance(trajectory, GANTrajectory):
         raise TypeError(f"replay expects a GANTrajectory, got {type(trajectory)}")
@@ -832,8 +861,21 @@ def replay(
     if not isinstance(every, int) or every < 1:
         raise ValueError(f"checkpoint_every must be a positive integer, got {every!r}")
     excluded = sorted(set(trajectory.excluded_ids.tolist()) | set(new_ids))
+    table = dict(
+        zip(trajectory.weight_ids.tolist(), trajectory.weight_values.tolist(), strict=True)
+    )
+    if weights is not None:
+        if not isinstance(weights, dict):
+            raise TypeError(f"weights must be a dict {{id: weight}}, got {type(weights)}")
+        trajectory.check_ids(list(weights), "weights")
+        for i, w in weights.items():
+            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+                raise ValueError(f"the weight of id {i} must be a finite number >= 0, got {w!r}")
+            table[int(i)] = float(w)
     out = copy.copy(trajectory)
     out.excluded_ids = torch.tensor(excluded, dtype=torch.int64)
+    out.weight_ids = torch.tensor(list(table), dtype=torch.int64)
+    out.weight_values = torch.tensor(list(table.values()), dtype=torch.float64)
     out.checkpoint_every = every
     out.checkpoints = {0: trajectory.checkpoints[0]}
     out._data = data

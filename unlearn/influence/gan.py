@@ -45,6 +45,7 @@ from unlearn.generative.training import (
     RealData,
     discriminator_loss,
     generator_loss,
+    instance_weights,
     kept_batch,
     replay,
 )
@@ -252,13 +253,15 @@ class GANInfluence:
         inputs = [theta_g, theta_d]
         s = state_t.new_zeros(())
         rows: list[int] = []
-        c_g = c_d = None
+        c_g = c_d = base_w = None
         if kind & UPDATE_D:
             c_d = float(traj.lr_d[t]) * u[ng:P] - (u[P + ng :] if mu else 0.0)
             kept, x_real, denom = kept_batch(traj, t, self._data)
             rows = self._data.rows(kept)
-            weights = torch.ones(len(kept), dtype=state_t.dtype, device=state_t.device)
-            weights.requires_grad_(True)
+            base_w = instance_weights(traj, kept)
+            if base_w is None:
+                base_w = torch.ones(len(kept), dtype=state_t.dtype, device=state_t.device)
+            weights = base_w.clone().requires_grad_(True)
             inputs.append(weights)
             loss_d = discriminator_loss(traj, pg, pd, x_real, traj.latents(t, "d"), denom, weights)
             (grad_d,) = torch.autograd.grad(loss_d, theta_d, create_graph=True)
@@ -276,5 +279,6 @@ class GANInfluence:
         u_prev = torch.cat(parts)
         if not torch.isfinite(u_prev).all():
             raise FloatingPointError(f"the influence adjoint became NaN or infinite at step {t}")
-        contrib = grads[2] if len(grads) > 2 else u.new_zeros(0)
+        # removal moves w_i from its current value to 0: Δf ≈ −w_i ∂f/∂w_i = w_i ∂s/∂w_i
+        contrib = grads[2] * base_w if base_w is not None else u.new_zeros(0)
         return u_prev.detach(), rows, contrib
