@@ -47,8 +47,8 @@ from unlearn.recommend.data import InteractionGraph
 from unlearn.recommend.protocol import RecRemovalMethod
 from unlearn.removal.base import RemovalResult
 
-__all__ = ["UnlearnRecConfig", "InfluenceEncoder", "UnlearnRec", "RecEdges",
-           "normalized_adjacency", "lightgcn_embeddings", "pair_scores"]
+__all__ = ["UnlearnRecConfig", "InfluenceEncoder", "UnlearnRec", "PretrainReport", "RecEdges",
+           "as_rec_edges", "normalized_adjacency", "lightgcn_embeddings", "pair_scores"]
 
 
 # ---------------------------------------------------------------------------- graph helpers
@@ -79,11 +79,6 @@ class RecEdges:
     def keys(self) -> Tensor:
         """One integer per (user, item) pair, for membership tests."""
         return self.users * self.num_items + self.items
-
-    def edge_index(self) -> Tensor:
-        """Both directions, items offset by ``num_users`` (the LightGCN node numbering)."""
-        u, i = self.users, self.items + self.num_users
-        return torch.stack([torch.cat([u, i]), torch.cat([i, u])])
 
 
 def normalized_adjacency(users: Tensor, items: Tensor, num_users: int, num_nodes: int,
