@@ -22,8 +22,9 @@ COV = torch.tensor([[1.0, 0.8], [0.8, 1.0]], dtype=torch.float64)
 
 
 def gaussian(n, gen):
-    return torch.randn(n, 2, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(COV).T \
-        + MEAN
+    return (
+        torch.randn(n, 2, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(COV).T + MEAN
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,20 +63,23 @@ def test_removing_brute_force_harmful_instances_improves_the_metric(run):
     k = 4
     harmful = traj.train_ids[torch.argsort(truth, descending=True)[:k]].tolist()
     # replay_truth keeps each batch's divisor: cleanse with the same protocol
-    res = GANCleansing(k=k, renormalize=False).cleanse(traj, remove_ids=harmful, metric=metric,
-                                                       eval_latents=z)
+    res = GANCleansing(k=k, renormalize=False).cleanse(
+        traj, remove_ids=harmful, metric=metric, eval_latents=z
+    )
     assert res.details["metric_before"] == pytest.approx(est.value(), abs=1e-12)
     assert res.details["improved"] and res.details["metric_change"] > 0
     # better than removing k random instances, on average over several draws
     random_changes = [
-        GANCleansing(k=k, renormalize=False).cleanse(
-            traj, harm=random_harm(40, s), metric=metric, eval_latents=z).details["metric_change"]
+        GANCleansing(k=k, renormalize=False)
+        .cleanse(traj, harm=random_harm(40, s), metric=metric, eval_latents=z)
+        .details["metric_change"]
         for s in range(5)
     ]
     assert res.details["metric_change"] > max(random_changes)
     # the influence estimate picks instances whose removal helps as well
     by_influence = GANCleansing(k=k, renormalize=False).cleanse(
-        traj, scores=est.scores(), metric=metric, eval_latents=z)
+        traj, scores=est.scores(), metric=metric, eval_latents=z
+    )
     assert by_influence.details["metric_change"] > sum(random_changes) / len(random_changes)
     assert by_influence.details["metric_change"] > 0
 
@@ -103,8 +107,9 @@ def test_renormalized_replay_averages_over_the_kept_instances(run):
     for p, q in zip(d.parameters(), d1.parameters()):
         assert torch.allclose(p, q, atol=1e-12, rtol=0)
     # the batch-size divisor (renormalize=False) is a different update
-    _, d1_fixed = GANCleansing(renormalize=False).cleanse(traj, remove_ids=removed) \
-        .trajectory.models(1)
+    _, d1_fixed = (
+        GANCleansing(renormalize=False).cleanse(traj, remove_ids=removed).trajectory.models(1)
+    )
     assert not all(torch.allclose(p, q) for p, q in zip(d1_fixed.parameters(), d.parameters()))
     # every later batch lost exactly the removed ids
     for t in range(len(traj)):
@@ -132,10 +137,8 @@ def test_selection_baselines(run):
     assert set(top2) == {107, 123}  # the two planted outliers
     # on given features (e.g. classifier features of images) instead of the raw samples
     feats = data.tensors()[0].flip(1)
-    assert set(select_top(isolation_forest_harm(feats), traj.train_ids, 2).tolist()) \
-        == {107, 123}
-    dloss = selection_harm("discriminator_loss", traj, validation=metric.validation,
-                           eval_latents=z)
+    assert set(select_top(isolation_forest_harm(feats), traj.train_ids, 2).tolist()) == {107, 123}
+    dloss = selection_harm("discriminator_loss", traj, validation=metric.validation, eval_latents=z)
     infl = selection_harm("influence", traj, metric=metric, eval_latents=z)
     assert dloss.shape == infl.shape == (40,)
     assert torch.isfinite(dloss).all() and torch.isfinite(infl).all()
@@ -147,13 +150,15 @@ def test_retrain_mode_trains_on_the_retained_data(run):
     same = GANCleansing(k=0, mode="retrain").cleanse(traj, harm=torch.zeros(40))
     assert torch.equal(final_of(same), traj.final_params())  # same data, seed, init: same run
     res = GANCleansing(fraction=0.1, mode="retrain").cleanse(
-        traj, harm=selection_harm("isolation_forest", traj), metric=metric, eval_latents=z)
+        traj, harm=selection_harm("isolation_forest", traj), metric=metric, eval_latents=z
+    )
     assert res.details["n_removed"] == 4
     kept = set(res.trajectory.train_ids.tolist())
     assert kept.isdisjoint(res.details["removed_ids"]) and len(kept) == 36
     # a fresh run, not the counterfactual replay
-    assert not torch.allclose(final_of(res), replay(traj, res.details["removed_ids"])
-                              .final_params())
+    assert not torch.allclose(
+        final_of(res), replay(traj, res.details["removed_ids"]).final_params()
+    )
     calls = []
 
     def retrain_fn(retained):
@@ -184,9 +189,19 @@ def test_last_steps_replays_the_end_of_the_run(run):
     est = GANInfluence(traj, metric, eval_latents=z, last_steps=16)
     ids = traj.train_ids[::5].tolist()
     base = est.value()
-    truth = torch.tensor([
-        metric_of(GANCleansing(last_steps=16, renormalize=False).cleanse(traj, remove_ids=[i])
-                  .generator, metric, z) - base for i in ids])
+    truth = torch.tensor(
+        [
+            metric_of(
+                GANCleansing(last_steps=16, renormalize=False)
+                .cleanse(traj, remove_ids=[i])
+                .generator,
+                metric,
+                z,
+            )
+            - base
+            for i in ids
+        ]
+    )
     pred = est.scores()[::5]
     assert torch.corrcoef(torch.stack([pred, truth]))[0, 1] > 0.95
     with pytest.raises(ValueError, match="mode='replay'"):
@@ -253,15 +268,42 @@ def test_cli_gan_cleanse_2d_writes_a_summary(tmp_path, selection):
     import json
 
     out = tmp_path / selection
-    code = _cli(["gan-cleanse", "--dataset", "2d", "--n-train", "60", "--epochs", "3",
-                 "--batch-size", "20", "--fraction", "0.1", "--selection", selection,
-                 "--out", str(out)])
+    code = _cli(
+        [
+            "gan-cleanse",
+            "--dataset",
+            "2d",
+            "--n-train",
+            "60",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "20",
+            "--fraction",
+            "0.1",
+            "--selection",
+            selection,
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_removed"] == 6 and len(summary["removed_ids"]) == 6
     assert summary["metric_change"] == pytest.approx(
-        summary["metric_after"] - summary["metric_before"])
+        summary["metric_after"] - summary["metric_before"]
+    )
     assert (out / "generator.pt").is_file() and (out / "discriminator.pt").is_file()
+
+
+def test_cli_gan_cleanse_last_epochs(tmp_path):
+    import json
+
+    out = tmp_path / "last"
+    assert _cli(["gan-cleanse", "--n-train", "60", "--epochs", "3", "--batch-size", "20",
+                 "--last-epochs", "1", "--out", str(out), "--json"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 18 and summary["replayed_steps"] == 6
 
 
 def test_cli_gan_cleanse_bad_arguments(tmp_path, capsys):
@@ -272,6 +314,18 @@ def test_cli_gan_cleanse_bad_arguments(tmp_path, capsys):
         _cli(["gan-cleanse", "--selection", "loss"])
     from unlearn.cli import UserError
 
-    with pytest.raises(UserError, match="cannot load MNIST"):
-        _cli(["gan-cleanse", "--dataset", "mnist", "--mnist-root", str(tmp_path),
+    with pytest.raises(UserError, match="--mode replay"):
+        _cli(["gan-cleanse", "--mode", "retrain", "--last-epochs", "1",
               "--out", str(tmp_path / "o")])
+    with pytest.raises(UserError, match="cannot load MNIST"):
+        _cli(
+            [
+                "gan-cleanse",
+                "--dataset",
+                "mnist",
+                "--mnist-root",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )

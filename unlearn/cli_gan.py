@@ -76,6 +76,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="how harmful instances are chosen (default: influence)")
     p.add_argument("--mode", choices=MODES, default="replay",
                    help="replay the recorded run without them (default) or retrain afresh")
+    p.add_argument("--last-epochs", type=_positive, default=None,
+                   help="trace influence over the last N epochs and replay only those (the "
+                   "paper's one-epoch retraining; replay mode only; default: the whole run)")
     p.add_argument("--metric", choices=("fid", "is"), default="fid",
                    help="MNIST only: the metric influence targets and the report uses "
                    "(default: fid)")
@@ -179,6 +182,12 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     cfg = _setting(args)
+    if args.last_epochs is not None:
+        if args.mode != "replay":
+            raise UserError("--last-epochs replays the end of the run: use --mode replay")
+        if args.last_epochs > cfg["epochs"]:
+            raise UserError(f"--last-epochs {args.last_epochs} is more than the "
+                            f"{cfg['epochs']} training epochs")
     if args.dataset == "2d":
         setup = _prepare_2d(cfg, args.seed)
     else:
@@ -193,12 +202,14 @@ def run(args: argparse.Namespace) -> int:
     train_s = time.perf_counter() - t0
     z_val = eval_latents_for(traj, 500 if args.dataset == "mnist" else 1000, seed=args.seed + 1)
     z_test = eval_latents_for(traj, 1000, seed=args.seed + 2)
+    last = None if args.last_epochs is None else args.last_epochs * (len(traj) // cfg["epochs"])
     t0 = time.perf_counter()
     harm = selection_harm(args.selection, traj, metric=setup["val_metric"],
                           validation=setup["validation"], features=setup["features"],
-                          eval_latents=z_val, seed=args.seed)
+                          eval_latents=z_val, seed=args.seed, last_steps=last)
     select_s = time.perf_counter() - t0
-    result = GANCleansing(fraction=args.fraction, mode=args.mode).cleanse(traj, harm=harm)
+    result = GANCleansing(fraction=args.fraction, mode=args.mode, last_steps=last).cleanse(
+        traj, harm=harm)
     g0, _ = traj.models()
     test_metric = setup["test_metric"]
     before, after = metric_of(g0, test_metric, z_test), metric_of(result.generator, test_metric,
@@ -207,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "dataset": args.dataset, "selection": args.selection, "mode": args.mode,
         "fraction": args.fraction, "seed": args.seed, "training": cfg, "steps": len(traj),
+        "replayed_steps": result.details["replayed_steps"],
         "metric": setup["metric_name"], "higher_is_better": higher,
         "metric_before": before, "metric_after": after, "metric_change": after - before,
         "improved": after > before if higher else after < before,
