@@ -55,6 +55,8 @@ from unlearn.removal.gan import GANCleansing, eval_latents_for, metric_of, selec
 
 OUT = ROOT / "experiments" / "out"
 MD = ROOT / "docs" / "results" / "gan.md"
+MNIST_METHODS = ["influence (FID)", "influence (IS)", "influence (D loss)", "isolation forest",
+                 "random"]
 MNIST_ROOT = ROOT / ".." / "shared" / "data" / "mnist-t10k"
 MEAN = torch.tensor([1.0, 1.0], dtype=torch.float64)
 COV = torch.tensor([[1.0, 0.8], [0.8, 1.0]], dtype=torch.float64)
@@ -114,6 +116,8 @@ def run_2d_seed(args: argparse.Namespace, seed: int) -> dict:
         "isolation forest": dict(method="isolation_forest", seed=seed),
         "random": dict(method="random", seed=seed),
     }.items():
+        if name not in args.mnist_methods:
+            continue
         t0 = time.perf_counter()
         harms[name] = selection_harm(trajectory=traj, eval_latents=z_val, **kw)
         select_s[name] = time.perf_counter() - t0
@@ -168,6 +172,8 @@ def run_mnist_seed(args: argparse.Namespace, seed: int, classifier) -> dict:
                                  seed=seed),
         "random": dict(method="random", seed=seed),
     }.items():
+        if name not in args.mnist_methods:
+            continue
         t0 = time.perf_counter()
         harms[name] = selection_harm(trajectory=traj, eval_latents=z_val, **kw)
         select_s[name] = time.perf_counter() - t0
@@ -191,7 +197,9 @@ def run_mnist_seed(args: argparse.Namespace, seed: int, classifier) -> dict:
             print(f"  rate {rate} {name}: FID {rows[-1]['fid_change']:+.3f} "
                   f"IS {rows[-1]['is_change']:+.3f}", flush=True)
     return {"seed": seed, "steps": len(traj), "train_seconds": train_s,
-            "select_seconds": select_s, "base": base, "rows": rows}
+            "select_seconds": select_s, "base": base, "rows": rows,
+            "score_std": {k: float(h.std()) for k, h in harms.items()
+                          if k.startswith("influence")}}
 
 
 # ---------------------------------------------------------------------------- report
@@ -238,6 +246,68 @@ def _vs_random(runs: list[dict], mode: str, key: str, scale: float, methods: lis
             wins = sum((d > 0) if higher_is_better else (d < 0) for d in diffs)
             cells.append(f"{np.mean(diffs):+.2f} ± {np.std(diffs):.2f} ({wins}/{len(diffs)})")
         lines.append(f"| {rate:.0%} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _mnist_section(data: dict, title: str) -> list[str]:
+    lines: list[str] = []
+    a, runs = data["args"], data["runs"]
+    methods = [m for m in ["influence (FID)", "influence (IS)", "influence (D loss)",
+                           "isolation forest", "random"]
+               if any(r["method"] == m for run in runs for r in run["rows"])]
+    trace = "the whole run" if not a["mnist_last_epochs"] else \
+        f"the last {a['mnist_last_epochs']} epoch(s) only"
+    lines += [
+        title, "",
+        f"Command: `{data['command']}`  ",
+        f"Date: {data['date']}; machine: {data['machine']}; seeds "
+        f"{[r['seed'] for r in runs]}; total {data.get('total_seconds', 0) / 60:.1f} min.",
+        "",
+        f"Setup: {a['mnist_n_train']} real MNIST digits (from the 10,000 of "
+        "`mnist-t10k`, a random split per seed), a 1,000-digit validation set (the "
+        "influence target's FID reference) and a disjoint 1,000-digit test set (the "
+        f"judge). `gan_mnist` (G: 32-d latent → linear → 2 transposed convs, sigmoid; D: 2 "
+        f"stride-2 convs + linear; no batch norm), plain SGD lr {a['mnist_lr']}, batch "
+        f"{a['mnist_batch_size']}, {a['mnist_epochs']} epochs ({runs[0]['steps']} steps). "
+        "FID and IS use the features / class probabilities of a small CNN trained here on "
+        "all 10,000 digits (3 epochs; not Inception, so the values are not comparable with "
+        f"published FIDs). Influence traced over {trace}, on 500 validation latents, and "
+        + ("the cleansed model replays the whole run" if not a["mnist_last_epochs"] else
+           f"the cleansed model replays {trace} from the recorded state before them (the "
+           "paper's one-epoch retraining)")
+        + " with the same batches and latents, each batch averaged over the instances it "
+        "keeps (as the reference code's retraining); judged on 1,000 separate test "
+        "latents. Isolation Forest on the CNN features of the training digits; influence "
+        "on the D loss: D's loss on the validation digits and generated ones.", "",
+        "Paper reference (its own scale and models): FID −0.38 and IS +0.14 at 40–50% "
+        "removal with influence, random near 0.", "",
+        "### Test FID change (lower is better)", ""]
+    lines += _table(runs, "replay", "fid_change", 1.0, methods) + [""]
+    lines += ["### Test Inception score change (higher is better)", ""]
+    lines += _table(runs, "replay", "is_change", 1.0, methods) + [""]
+    lines += ["### Method minus random, paired per seed (in brackets: seeds where the method "
+              "beat random)", "", "Test FID:", ""]
+    lines += _vs_random(runs, "replay", "fid_change", 1.0, methods[:-1], False) + [""]
+    lines += ["Test IS:", ""]
+    lines += _vs_random(runs, "replay", "is_change", 1.0, methods[:-1], True) + [""]
+    lines += ["### Validation FID change (the influence target's own quantity)", ""]
+    lines += _table(runs, "replay", "fid_val_change", 1.0, methods) + [""]
+    fid = [r["base"]["fid"] for r in runs]
+    is_ = [r["base"]["is"] for r in runs]
+    lines += [f"Before cleansing: test FID {np.mean(fid):.2f} ± {np.std(fid):.2f}, test IS "
+              f"{np.mean(is_):.2f} ± {np.std(is_):.2f} (real test digits vs the validation "
+              f"digits: FID {data.get('real_fid', float('nan')):.2f}; IS of real digits "
+              f"{data.get('real_is', float('nan')):.2f}). Training "
+              f"{np.mean([r['train_seconds'] for r in runs]):.0f} s per run; influence "
+              f"{np.mean([r['select_seconds']['influence (FID)'] for r in runs]):.0f} s "
+              "(FID), "
+              f"{np.mean([r['select_seconds']['influence (IS)'] for r in runs]):.0f} s (IS)."
+              + (" Influence scores: " + "; ".join(
+                  f"{m} std {np.mean([r['score_std'][m] for r in runs]):.3g}"
+                  for m in runs[0].get("score_std", {})) + " (mean over seeds of the std over "
+                  "instances of the predicted single-removal change)"
+                  if "score_std" in runs[0] else ""),
+              ""]
     return lines
 
 
@@ -294,58 +364,13 @@ def report() -> None:
                   f"Training {np.mean([r['train_seconds'] for r in runs]):.1f} s per run; "
                   "influence on ALL "
                   f"{np.mean([r['select_seconds']['influence (ALL)'] for r in runs]):.1f} s.", ""]
-    pm = OUT / "gan_cleansing_mnist.json"
-    if pm.is_file():
-        data = json.loads(pm.read_text())
-        a, runs = data["args"], data["runs"]
-        methods = ["influence (FID)", "influence (IS)", "influence (D loss)",
-                   "isolation forest", "random"]
-        trace = "the whole run" if not a["mnist_last_epochs"] else \
-            f"the last {a['mnist_last_epochs']} epoch(s) only"
-        lines += [
-            "## (b) DCGAN on MNIST, FID and Inception score", "",
-            f"Command: `{data['command']}`  ",
-            f"Date: {data['date']}; machine: {data['machine']}; seeds "
-            f"{[r['seed'] for r in runs]}; total {data.get('total_seconds', 0) / 60:.1f} min.",
-            "",
-            f"Setup: {a['mnist_n_train']} real MNIST digits (from the 10,000 of "
-            "`mnist-t10k`, a random split per seed), a 1,000-digit validation set (the "
-            "influence target's FID reference) and a disjoint 1,000-digit test set (the "
-            f"judge). `gan_mnist` (G: 32-d latent → linear → 2 transposed convs, sigmoid; D: 2 "
-            f"stride-2 convs + linear; no batch norm), plain SGD lr {a['mnist_lr']}, batch "
-            f"{a['mnist_batch_size']}, {a['mnist_epochs']} epochs ({runs[0]['steps']} steps). "
-            "FID and IS use the features / class probabilities of a small CNN trained here on "
-            "all 10,000 digits (3 epochs; not Inception, so the values are not comparable with "
-            f"published FIDs). Influence traced over {trace}, on 500 validation latents, and "
-            f"the cleansed model replays {trace} from the recorded state before them (same "
-            "batches and latents, each batch averaged over the instances it keeps: the "
-            "paper's one-epoch retraining); judged on 1,000 separate test latents. Isolation "
-            "Forest on the CNN features of the training digits; influence on the D loss: D's "
-            "loss on the validation digits and generated ones.", "",
-            "Paper reference (its own scale and models): FID −0.38 and IS +0.14 at 40–50% "
-            "removal with influence, random near 0.", "",
-            "### Test FID change (lower is better)", ""]
-        lines += _table(runs, "replay", "fid_change", 1.0, methods) + [""]
-        lines += ["### Test Inception score change (higher is better)", ""]
-        lines += _table(runs, "replay", "is_change", 1.0, methods) + [""]
-        lines += ["### Method minus random, paired per seed (in brackets: seeds where the method "
-                  "beat random)", "", "Test FID:", ""]
-        lines += _vs_random(runs, "replay", "fid_change", 1.0, methods[:-1], False) + [""]
-        lines += ["Test IS:", ""]
-        lines += _vs_random(runs, "replay", "is_change", 1.0, methods[:-1], True) + [""]
-        lines += ["### Validation FID change (the influence target's own quantity)", ""]
-        lines += _table(runs, "replay", "fid_val_change", 1.0, methods) + [""]
-        fid = [r["base"]["fid"] for r in runs]
-        is_ = [r["base"]["is"] for r in runs]
-        lines += [f"Before cleansing: test FID {np.mean(fid):.2f} ± {np.std(fid):.2f}, test IS "
-                  f"{np.mean(is_):.2f} ± {np.std(is_):.2f} (real test digits vs the validation "
-                  f"digits: FID {data.get('real_fid', float('nan')):.2f}; IS of real digits "
-                  f"{data.get('real_is', float('nan')):.2f}). Training "
-                  f"{np.mean([r['train_seconds'] for r in runs]):.0f} s per run; influence "
-                  f"{np.mean([r['select_seconds']['influence (FID)'] for r in runs]):.0f} s "
-                  "(FID), "
-                  f"{np.mean([r['select_seconds']['influence (IS)'] for r in runs]):.0f} s (IS).",
-                  ""]
+    for name, title in (("gan_cleansing_mnist.json",
+                         "## (b) DCGAN on MNIST, FID and Inception score"),
+                        ("gan_cleansing_mnist_full.json",
+                         "## (b′) The same, influence traced over the whole run and the whole "
+                         "run replayed")):
+        if (OUT / name).is_file():
+            lines += _mnist_section(json.loads((OUT / name).read_text()), title)
     MD.parent.mkdir(parents=True, exist_ok=True)
     MD.write_text("\n".join(lines))
     print(f"wrote {MD}")
@@ -373,6 +398,8 @@ def main() -> None:
                    help="trace the influence over the last N epochs and replay only those "
                    "(one-epoch retraining); 0: the whole run (default: 1)")
     p.add_argument("--mnist-rates", type=float, nargs="+", default=[0.1, 0.3, 0.5])
+    p.add_argument("--mnist-methods", nargs="+", default=MNIST_METHODS, choices=MNIST_METHODS,
+                   metavar="METHOD", help=f"selection methods, of {MNIST_METHODS}")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     if args.report:
@@ -402,7 +429,8 @@ def main() -> None:
             print(f"MNIST seed {seed} ...", flush=True)
             data["runs"].append(run_mnist_seed(args, seed, classifier))
             data["total_seconds"] = time.perf_counter() - start
-            save(OUT / "gan_cleansing_mnist.json", data)
+            save(OUT / ("gan_cleansing_mnist.json" if args.mnist_last_epochs
+                        else "gan_cleansing_mnist_full.json"), data)
     report()
 
 
