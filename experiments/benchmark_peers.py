@@ -40,7 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 if os.environ.get("UNLEARN_CODE_ROOT"):  # --speedup: import another revision's unlearn
+    # bound now, before mnist_setup puts this checkout first on sys.path again
     sys.path.insert(0, os.environ["UNLEARN_CODE_ROOT"])
+    import unlearn
+
+    if not Path(unlearn.__file__).resolve().is_relative_to(
+            Path(os.environ["UNLEARN_CODE_ROOT"]).resolve()):
+        raise ImportError(f"unlearn imported from {unlearn.__file__}, not from "
+                          f"{os.environ['UNLEARN_CODE_ROOT']}")
 
 OUT = ROOT / "experiments" / "out"
 DOC = ROOT / "docs" / "results" / "benchmark.md"
@@ -427,6 +434,8 @@ def md_model(res: dict, title: str) -> list[str]:
         "| notes |", "|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         note = r["note"]
+        if r.get("run_date") != res["date"]:
+            note = "*earlier run, older code*" + ("; " + note if note else "")
         if r["ok"] < r["runs"]:
             note = f"**{r['runs'] - r['ok']} of {r['runs']} runs failed**: " \
                    f"{'; '.join(r['errors'])}; " + note
@@ -564,6 +573,51 @@ def md_speedup(res: dict) -> list[str]:
     return lines + [""]
 
 
+def md_summary(res: dict[str, dict]) -> list[str]:
+    """Issue 5's targets, from the rows of each model's latest run only."""
+    lines = ["## Targets of issue 5 at a glance", "",
+             "Medians of the latest run of each model table below (ours and peers "
+             "interleaved in that run; rows kept from earlier runs are not used here). The "
+             "machine is shared with other jobs, so absolute times are inflated; the ratios "
+             "within one interleaved run are what these targets compare.", "",
+             "| target | model | measured | met |", "|---|---|---|---|"]
+    for key, title in (("lr", "LR"), ("mlp", "MLP")):
+        if key not in res:
+            continue
+        fresh = {r["label"]: r for r in res[key]["rows"]
+                 if r.get("run_date") == res[key]["date"] and r["ok"]}
+        peers = [r for r in fresh.values() if r["lib"] != "ours"]
+        best = min(peers, key=lambda r: r["peak_rss_mb"]["median"]) if peers else None
+        for ours, peer in (("ours EK-FAC", "kronfluence EK-FAC"),
+                           ("ours K-FAC", "kronfluence K-FAC")):
+            a, b = fresh.get(ours), fresh.get(peer)
+            if a is None or b is None:
+                lines.append(f"| {ours} vs {peer} | {title} | not measured | – |")
+                continue
+            ta, tb = a["total_s"]["median"], b["total_s"]["median"]
+            lines.append(f"| {ours} fit + score ≤ ½ {peer} | {title} | {ta:.1f} vs {tb:.1f} s "
+                         f"(ratio {ta / tb:.2f}) | {'yes' if ta <= 0.5 * tb else 'no'} |")
+            if a["lds"] is not None and b["lds"] is not None:
+                ok = a["lds"] >= b["lds"] - 0.01
+                lines.append(f"| {ours} LDS ≥ {peer} − 0.01 | {title} | {a['lds']:.3f} vs "
+                             f"{b['lds']:.3f} | {'yes' if ok else 'no'} |")
+            if best is not None:
+                ma, mb = a["peak_rss_mb"]["median"], best["peak_rss_mb"]["median"]
+                lines.append(f"| {ours} peak RSS ≤ best peer's | {title} | {ma:.0f} vs {mb:.0f} "
+                             f"MB ({best['label']}) | {'yes' if ma <= mb else 'no'} |")
+        kr = fresh.get("kronfluence EK-FAC")
+        if key == "lr" and kr is not None:
+            budget = kr["total_s"]["median"]
+            good = [r for r in fresh.values() if r["lib"] == "ours" and r["lds"] is not None
+                    and r["lds"] >= 0.90 and r["n_queries"] == 500]
+            fast = [r for r in good if r["total_s"]["median"] <= budget]
+            shown = ", ".join(f"{r['label']} {r['lds']:.3f} in {r['total_s']['median']:.1f} s"
+                              for r in good) or "none"
+            lines.append(f"| ours LDS ≥ 0.90 (500 queries) within kronfluence EK-FAC's "
+                         f"{budget:.1f} s | LR | {shown} | {'yes' if fast else 'no'} |")
+    return lines + [""]
+
+
 def write_report(extra: str = "") -> None:
     res = {p: json.loads((OUT / f"benchmark_{p}.json").read_text())
            for p in PARTS if (OUT / f"benchmark_{p}.json").exists()}
@@ -572,6 +626,11 @@ def write_report(extra: str = "") -> None:
              "*.json` (each section names its command, machine and date). Same trained "
              "weights, data and damping for everyone; scores in our convention (peers "
              "converted by `baselines/peers/`). MNIST t10k split 5,000 train / 500 query.", ""]
+    if "lr" in res or "mlp" in res:
+        lines += md_summary(res)
+    notes = ROOT / "experiments" / "benchmark_notes.md"
+    if notes.exists():  # the analysis written after reading these tables
+        lines += [notes.read_text().strip(), ""]
     if "speedup" in res:
         lines += md_speedup(res["speedup"])
     if "lr" in res:
@@ -662,6 +721,8 @@ def main(argv: list[str] | None = None) -> None:
             continue
         res.update(command=command, date=dt.datetime.now(dt.timezone.utc).isoformat(
             timespec="seconds"), machine=info, wall_s=time.perf_counter() - t0)
+        for row in res.get("rows", []):
+            row.setdefault("run_date", res["date"])
         path = OUT / f"benchmark_{part}.json"
         if a.only and path.exists() and "rows" in res:  # merge a partial rerun
             res = merge(json.loads(path.read_text()), res)

@@ -313,3 +313,31 @@ def test_float32_build_keeps_leave_one_out_correlation():
     r = pearson(S32[:, REMOVED], truth)
     print(f"float32-built Exact (GGN): LOO Pearson {r:.4f}")
     assert r >= 0.99
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 30], ids=["restream", "cached"])
+def test_query_groups_give_the_same_scores(cache_bytes, monkeypatch, tmp_path):
+    """Scoring in groups of queries (each against the whole training set, its factors
+    cached or recomputed) equals scoring all queries at once: dense, top-k and memmap."""
+    import unlearn.influence.ekfac as ekfac
+
+    model, x, y = CASES["twice"]
+    model = model.double().eval()
+    ds = TensorDataset(x, y)
+    q, t = DataLoader(ds, batch_size=5), DataLoader(ds, batch_size=7)
+    est = EKFACInfluence(model, TASK, 1e-2, progress=False).fit(t)
+    S = est.scores(q, t)
+    top = est.scores(q, t, top_k=4)
+    monkeypatch.setattr(ekfac, "_QUERY_GROUP_BYTES", 1)  # one query batch per group
+    monkeypatch.setattr(ekfac, "_TRAIN_CACHE_BYTES", cache_bytes)
+    torch.testing.assert_close(est.scores(q, t), S, rtol=1e-12, atol=1e-15)
+    values, index = est.scores(q, t, top_k=4)
+    torch.testing.assert_close(values, top[0], rtol=1e-12, atol=1e-15)
+    assert torch.equal(index, top[1])
+    mm = est.scores(q, t, out=tmp_path / "s.npy")
+    np.testing.assert_allclose(np.asarray(mm), S.numpy(), rtol=1e-12, atol=1e-15)
+    bad = x.clone()
+    bad[20, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        est.scores(q, DataLoader(TensorDataset(bad, y), batch_size=7), out=tmp_path / "b.npy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npy"]

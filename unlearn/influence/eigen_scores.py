@@ -27,14 +27,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from unlearn.influence.base import _ScoreSink
 from unlearn.influence.grads import ParamSpace, check_finite_batch, per_sample_grads, to_model
 from unlearn.influence.hook_grads import LayerGrads, capture_layer_grads, materialise
 from unlearn.influence.layers import LayerAdapter
 from unlearn.tasks import Task
 
-__all__ = ["EigenBasis", "RotatedBatch", "EigenQueries", "rotated_batches", "self_scores"]
+__all__ = ["EigenBasis", "RotatedBatch", "EigenQueries", "RowGroupSink", "rotated_batches",
+           "self_scores"]
 
-_BLOCK_ELEMENTS = 1 << 22  # [n_q, d, c] intermediates of the factored dot product
+_BLOCK_ELEMENTS = 1 << 20  # [n_q, d, c] intermediates of the factored dot product
 _MATERIALISE_ELEMENTS = 1 << 24  # rotated per-sample [c, d_out, d_in] matrices at once
 
 
@@ -57,6 +59,11 @@ class RotatedBatch:
     size: int
     factors: dict[str, tuple[Tensor, Tensor]]
     matrices: dict[str, Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        ts = [t for pair in self.factors.values() for t in pair] + list(self.matrices.values())
+        return sum(t.numel() * t.element_size() for t in ts)
 
     def matrix(self, name: str) -> Tensor:
         if name in self.matrices:
@@ -131,7 +138,7 @@ class EigenQueries:
         block: dict[str, Any] = {}
         for b in self.bases:
             name = b.layer.name
-            R = batch.matrix(name) / b.denom
+            R = batch.matrix(name).div_(b.denom)  # a fresh tensor (or the batch's own)
             self.dtype = R.dtype
             if self.rank is not None and min(R.shape[1:]) > self.rank:
                 U, S, Vh = torch.linalg.svd(R, full_matrices=False)
@@ -144,8 +151,15 @@ class EigenQueries:
                 block[name] = ("dense", R.transpose(1, 2).contiguous(), True)
         self.blocks.append(block)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for block in self.blocks
+                   for entry in block.values() for t in entry[1:] if isinstance(t, Tensor))
+
     def dot(self, train: RotatedBatch) -> Tensor:
         """Scores ``[n_query, B]`` (unscaled)."""
+        if not self.blocks:
+            return torch.zeros(0, train.size, dtype=self.dtype)
         out = []
         for block in self.blocks:
             total: Tensor | None = None
@@ -200,3 +214,43 @@ def self_scores(bases: Sequence[EigenBasis], batch: RotatedBatch) -> Tensor:
         total = s if total is None else total + s
     assert total is not None
     return total
+
+
+class RowGroupSink:
+    """Score rows that arrive in groups of queries, each group scored against all training
+    examples before the next: dense and memmap results are written in place (through the
+    base class's sink), top-k lists are kept per group and stacked at the end."""
+
+    def __init__(self, rows: int, cols: int, top_k: int | None, out: Any,
+                 dtype: torch.dtype) -> None:
+        self.top_k, self.cols, self.dtype = top_k, cols, dtype
+        self.groups: list[_ScoreSink] = []
+        self.whole = None if top_k is not None else _ScoreSink(rows, cols, None, out, dtype)
+
+    def begin(self, rows: int) -> None:
+        if self.top_k is not None:
+            self.groups.append(_ScoreSink(rows, self.cols, self.top_k, None, self.dtype))
+
+    def add(self, row: int, col: int, block: Tensor) -> None:
+        if self.top_k is not None:
+            self.groups[-1].add(col, block)
+            return
+        block = block.detach().cpu()
+        rows, cols = slice(row, row + block.shape[0]), slice(col, col + block.shape[1])
+        assert self.whole is not None
+        if self.whole.out is not None:
+            self.whole.mm[rows, cols] = block.numpy()
+        else:
+            self.whole.dense[rows, cols] = block
+
+    def abort(self) -> None:
+        if self.whole is not None:
+            self.whole.abort()
+
+    def result(self) -> Any:
+        if self.whole is not None:
+            return self.whole.result()
+        if not self.groups:
+            return (torch.empty(0, 0, dtype=self.dtype), torch.empty(0, 0, dtype=torch.long))
+        return (torch.cat([g.values for g in self.groups]),
+                torch.cat([g.index for g in self.groups]))

@@ -21,6 +21,11 @@ Targets ``y``: ``fisher="true"`` samples them from the model (``task.sample_targ
 the expectation exactly by backpropagating the columns of a square root of the per-sample
 output Hessian (for cross-entropy: every class weighted by its probability), which makes the
 Fisher equal to the Gauss-Newton matrix.
+
+Scoring never builds per-sample gradients ``[B, P]``: layer hooks give each example's
+``(a, g)``, queries are preconditioned once and kept in the eigenbasis, and a training
+example's score against them is ``g̃ᵀ R_q ã`` per layer (:mod:`unlearn.influence.eigen_scores`);
+batches the hooks cannot describe exactly fall back to vmap.
 """
 
 from __future__ import annotations
@@ -34,8 +39,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from unlearn.influence.base import InfluenceEstimator, _check_count, _ScoreSink
-from unlearn.influence.eigen_scores import EigenBasis, EigenQueries, rotated_batches, self_scores
+from unlearn.influence.base import InfluenceEstimator, _check_count
+from unlearn.influence.eigen_scores import (
+    EigenBasis,
+    EigenQueries,
+    RotatedBatch,
+    RowGroupSink,
+    rotated_batches,
+    self_scores,
+)
 from unlearn.influence.grads import check_finite_batch, check_loader, model_dtype_device, to_model
 from unlearn.influence.hook_grads import Capture as _Capture
 from unlearn.influence.layers import LayerAdapter, adapter_for, supported_types
@@ -46,6 +58,8 @@ __all__ = ["KFACInfluence", "EKFACInfluence"]
 FISHERS = ("true", "empirical", "exact")
 _CHUNK_ELEMENTS = 1 << 24  # per-sample [c, d_out, d_in] gradients materialised at once
 _DIRECTION_ELEMENTS = 1 << 26  # layer-output gradients of one batched backward pass
+_QUERY_GROUP_BYTES = 32 << 20  # preconditioned queries held at once while scoring
+_TRAIN_CACHE_BYTES = 64 << 20  # rotated training factors kept for the next query group
 
 
 class KFACInfluence(InfluenceEstimator):
@@ -349,7 +363,10 @@ class KFACInfluence(InfluenceEstimator):
                top_k: int | None = None, out: Any = None) -> Any:
         """As :meth:`InfluenceEstimator.scores`, computed in the Kronecker eigenbasis from
         layer hooks (:mod:`unlearn.influence.eigen_scores`): no ``[B, P]`` per-sample
-        gradients, queries preconditioned once."""
+        gradients, queries preconditioned once. Preconditioned queries are held in groups
+        of about ``_QUERY_GROUP_BYTES``; each group is scored against the whole training
+        set, whose rotated gradient factors are cached between groups while they fit in
+        ``_TRAIN_CACHE_BYTES`` (and recomputed otherwise)."""
         if not self._eigen_scoring():
             return super().scores(query_loader, train_loader, top_k=top_k, out=out)
         self._require_fitted()
@@ -357,23 +374,71 @@ class KFACInfluence(InfluenceEstimator):
         check_loader(train_loader, "train_loader")
         if top_k is not None and out is not None:
             raise ValueError("choose one of top_k and out, not both")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
         dtype, _ = model_dtype_device(self.model)
         bases = self._bases(dtype)
-        queries = EigenQueries(bases, self.query_rank)
-        for batch in self._rotated(query_loader, bases, "queries", query=True):
-            queries.add(batch)
+        rows = _dataset_len(query_loader)
         n_cols = len(train_loader.dataset)  # type: ignore[arg-type]
-        sink = _ScoreSink(queries.n, n_cols, top_k, out, queries.dtype)
-        col, scale = 0, self._score_scale()
-        try:
+        scale = self._score_scale()
+        per_query = sum(layer.d_out * layer.d_in for layer in self.layers)
+        per_query *= torch.finfo(dtype).bits // 8
+        grouped = rows is not None and rows * per_query > _QUERY_GROUP_BYTES
+        cache: list[RotatedBatch] | None = None
+
+        def train_batches() -> Any:
+            nonlocal cache
+            if cache is not None:
+                yield from cache
+                return
+            kept: list[RotatedBatch] | None = [] if grouped else None
+            size = 0
             for batch in self._rotated(train_loader, bases, "scoring"):
+                if kept is not None:
+                    size += batch.nbytes
+                    if size <= _TRAIN_CACHE_BYTES:
+                        kept.append(batch)
+                    else:
+                        kept = None
+                yield batch
+            cache = kept
+
+        sink: RowGroupSink | None = None
+        row = 0
+
+        def flush(store: EigenQueries) -> None:
+            nonlocal sink, row
+            if sink is None:
+                sink = RowGroupSink(rows if rows is not None else store.n, n_cols, top_k, out,
+                                    store.dtype)
+            sink.begin(store.n)
+            col = 0
+            for batch in train_batches():
                 _check_count("train_loader", col + batch.size, n_cols, at_most=True)
-                sink.add(col, queries.dot(batch) * scale)
+                sink.add(row, col, store.dot(batch) * scale)
                 col += batch.size
             _check_count("train_loader", col, n_cols)
+            row += store.n
+
+        try:
+            store = EigenQueries(bases, self.query_rank)
+            for batch in self._rotated(query_loader, bases, "queries", query=True):
+                if rows is not None:
+                    _check_count("query_loader", row + store.n + batch.size, rows,
+                                 at_most=True)
+                store.add(batch)
+                if grouped and store.nbytes >= _QUERY_GROUP_BYTES:
+                    flush(store)
+                    store = EigenQueries(bases, self.query_rank)
+            if store.n or sink is None:
+                flush(store)
+            if rows is not None:
+                _check_count("query_loader", row, rows)
         except BaseException:
-            sink.abort()
+            if sink is not None:
+                sink.abort()
             raise
+        assert sink is not None
         return sink.result()
 
     def self_influence(self, train_loader: DataLoader) -> Tensor:
@@ -408,6 +473,13 @@ EKFACInfluence.__doc__ = (
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _dataset_len(loader: DataLoader) -> int | None:
+    try:
+        return len(loader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def _key(layer: LayerAdapter, part: str) -> str:
