@@ -82,12 +82,14 @@ class RecEdges:
 
 
 def normalized_adjacency(users: Tensor, items: Tensor, num_users: int, num_nodes: int,
-                         dtype: torch.dtype = torch.float32) -> Tensor:
+                         dtype: torch.dtype = torch.float32,
+                         degrees: Tensor | None = None) -> Tensor:
     """``D^-1/2 A D^-1/2`` of the bipartite graph (both directions, no self-loops) as a
-    coalesced sparse COO matrix: the propagation matrix of torch-geometric's ``LGConv``."""
+    coalesced sparse COO matrix: the propagation matrix of torch-geometric's ``LGConv``.
+    ``degrees`` replaces ``D`` (e.g. the full training graph's degrees for a subgraph)."""
     row = torch.cat([users, items + num_users])
     col = torch.cat([items + num_users, users])
-    deg = torch.bincount(row, minlength=num_nodes).to(dtype)
+    deg = (torch.bincount(row, minlength=num_nodes) if degrees is None else degrees).to(dtype)
     inv = deg.pow(-0.5)
     inv[deg == 0] = 0.0
     val = inv[row] * inv[col]
@@ -124,7 +126,8 @@ def _propagate(adj: Tensor, x: Tensor, layers: int) -> Tensor:
 
 
 class InfluenceEncoder(nn.Module):
-    """``ΔE = z + MLP(z)`` with ``z = Σ_l Â_Δ^l H − Σ_l Â_Δ^l (η ⊙ E)`` (module docstring)."""
+    """``ΔE = z + MLP(z)`` with ``z = s ⊙ (H − η ⊙ E) + Σ_l Â_Δ^l (H − η ⊙ E)``, ``s`` the
+    share of each node's edges the request deletes (module docstring)."""
 
     def __init__(self, num_nodes: int, dim: int, *, layers: int = 2, hidden: int = 64,
                  init_withdraw: float = 0.1, init_std: float = 0.01) -> None:
@@ -138,9 +141,13 @@ class InfluenceEncoder(nn.Module):
                                  nn.Linear(hidden, dim, bias=False))
         nn.init.zeros_(self.mlp[2].weight)  # the correction starts at zero and is learned
 
-    def forward(self, deleted_adj: Tensor, base: Tensor) -> Tensor:
-        z = (_propagate(deleted_adj, self.influence, self.layers)
-             - _propagate(deleted_adj, self.withdraw * base, self.layers))
+    def forward(self, deleted_adj: Tensor, base: Tensor, lost_share: Tensor | None = None
+                ) -> Tensor:
+        own = self.influence - self.withdraw * base
+        z = _propagate(deleted_adj, self.influence, self.layers) \
+            - _propagate(deleted_adj, self.withdraw * base, self.layers)
+        if lost_share is not None:  # the node's own term, by the share of its edges deleted
+            z = z + lost_share * own
         return z + self.mlp(z)
 
 
@@ -207,23 +214,35 @@ class _Request:
     remaining: RecEdges
     deleted_adj: Tensor
     remaining_adj: Tensor
+    lost_share: Tensor  # [N, 1]: deleted edges / training edges of each node
+    degrees: Tensor  # the training graph's node degrees (normalise the deleted edges by them)
 
 
-def _make_request(graph: RecEdges, drop: Tensor) -> _Request:
+def _degrees(edges: RecEdges) -> Tensor:
+    return torch.bincount(torch.cat([edges.users, edges.items + edges.num_users]),
+                          minlength=edges.num_nodes)
+
+
+def _make_request(graph: RecEdges, drop: Tensor, degrees: Tensor) -> _Request:
     deleted, remaining = graph.select(drop), graph.select(~drop)
     n = graph.num_nodes
+    lost = _degrees(deleted).to(torch.float32) / degrees.clamp(min=1).to(torch.float32)
     return _Request(
         deleted, remaining,
-        normalized_adjacency(deleted.users, deleted.items, graph.num_users, n),
-        normalized_adjacency(remaining.users, remaining.items, graph.num_users, n))
+        normalized_adjacency(deleted.users, deleted.items, graph.num_users, n,
+                             degrees=degrees),
+        normalized_adjacency(remaining.users, remaining.items, graph.num_users, n),
+        lost[:, None], degrees)
 
 
-def _drop_view(deleted: RecEdges, rate: float, gen: torch.Generator) -> Tensor:
+def _drop_view(req: _Request, rate: float, gen: torch.Generator) -> Tensor:
+    deleted = req.deleted
     keep = torch.rand(len(deleted), generator=gen) >= rate
     if not keep.any():
         keep[0] = True
     kept = deleted.select(keep)
-    return normalized_adjacency(kept.users, kept.items, deleted.num_users, deleted.num_nodes)
+    return normalized_adjacency(kept.users, kept.items, deleted.num_users, deleted.num_nodes,
+                                degrees=req.degrees)
 
 
 @dataclass
@@ -235,6 +254,7 @@ class _Context:
     base: Tensor
     original_final: Tensor
     train_keys: Tensor
+    degrees: Tensor
 
 
 def _random_items(users: Tensor, num_items: int, train_keys: Tensor,
@@ -256,7 +276,7 @@ def _losses(encoder: InfluenceEncoder, ctx: _Context, req: _Request, cfg: Unlear
             gen: torch.Generator) -> dict[str, Tensor]:
     g = req.remaining
     nu, ni = g.num_users, g.num_items
-    delta = encoder(req.deleted_adj, ctx.base)
+    delta = encoder(req.deleted_adj, ctx.base, req.lost_share)
     final = lightgcn_embeddings(ctx.model, ctx.base + delta, req.remaining_adj)
 
     # model loss: BPR on remaining edges
@@ -294,8 +314,9 @@ def _contrast(encoder: InfluenceEncoder, ctx: _Context, req: _Request, cfg: Unle
     nodes = touched[_sample(touched.numel(), cfg.contrast_nodes, gen)]
     if nodes.numel() < 2:
         return ctx.base.new_zeros(())
-    z1 = F.normalize(encoder(_drop_view(d, cfg.contrast_dropout, gen), ctx.base)[nodes], dim=1)
-    z2 = F.normalize(encoder(_drop_view(d, cfg.contrast_dropout, gen), ctx.base)[nodes], dim=1)
+    views = [encoder(_drop_view(req, cfg.contrast_dropout, gen), ctx.base, req.lost_share)
+             for _ in range(2)]
+    z1, z2 = (F.normalize(v[nodes], dim=1) for v in views)
     logits = z1 @ z2.T / cfg.temperature
     return F.cross_entropy(logits, torch.arange(nodes.numel()))
 
@@ -353,7 +374,7 @@ class UnlearnRec(RecRemovalMethod):
         opt = torch.optim.Adam(encoder.parameters(), lr=cfg.lr)
         history: list[dict[str, float]] = []
         for _ in range(cfg.pretrain_steps):
-            req = _make_request(edges, _simulated_drop(edges, cfg, gen))
+            req = _make_request(edges, _simulated_drop(edges, cfg, gen), ctx.degrees)
             losses = _losses(encoder, ctx, req, cfg, gen)
             opt.zero_grad()
             _total(losses, cfg).backward()
@@ -417,7 +438,7 @@ class UnlearnRec(RecRemovalMethod):
         pretrained_here = self.is_pretrained_for(model)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         ctx = _context(model, edges)
-        req = _make_request(edges, torch.isin(edges.ids, forget_ids))
+        req = _make_request(edges, torch.isin(edges.ids, forget_ids), ctx.degrees)
         encoder = copy.deepcopy(self.encoder).requires_grad_(True)
         opt = torch.optim.Adam(encoder.parameters(), lr=cfg.finetune_lr)
         last: dict[str, float] = {}
@@ -428,7 +449,7 @@ class UnlearnRec(RecRemovalMethod):
             opt.step()
             last = {k: float(v.detach()) for k, v in losses.items()}
         with torch.no_grad():
-            delta = encoder(req.deleted_adj, ctx.base)
+            delta = encoder(req.deleted_adj, ctx.base, req.lost_share)
             model.embedding.weight.add_(delta)
         return model, {"n_retain": remaining.n_train, "finetune_steps": cfg.finetune_steps,
                        "finetune_losses": last, "delta_norm": float(delta.norm()),
@@ -442,7 +463,7 @@ def _context(model: nn.Module, edges: RecEdges) -> _Context:
                                base.dtype)
     with torch.no_grad():
         final = lightgcn_embeddings(model, base, adj)
-    return _Context(model, base, final, torch.sort(edges.keys()).values)
+    return _Context(model, base, final, torch.sort(edges.keys()).values, _degrees(edges))
 
 
 def _simulated_drop(edges: RecEdges, cfg: UnlearnRecConfig, gen: torch.Generator) -> Tensor:
