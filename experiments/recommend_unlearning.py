@@ -225,7 +225,8 @@ def write_report(data: dict[str, Any], path: Path) -> None:
         "from `experiments/out/recommend.json`.",
         "",
         f"Seeds: {', '.join(map(str, seeds))} (the seed sets the base model's training, the "
-        "request sample and the method's own randomness; retraining uses seed + 100, so it is "
+        "sharded ensemble, the request sample and the seeds of fine-tuning and UnlearnRec; "
+        "retraining uses seed + 100, so it is "
         "a genuinely different run, not a replay of the base model). Values are mean ± std "
         "over seeds.",
         "",
@@ -310,6 +311,7 @@ def ledger_demo(graph: Any, cfg: BPRConfig, out_dir: Path, log: Any) -> dict[str
 
     work = out_dir / "recommend_ledger_demo"
     shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     base = train_lightgcn(graph, replace(cfg, seed=0))
     log("ledger demo: base model trained")
     gen = torch.Generator().manual_seed(7)
