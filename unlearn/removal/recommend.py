@@ -5,13 +5,16 @@ backbone (a ``torch_geometric.nn.models.LightGCN`` over users ``0..U-1`` and ite
 stays frozen; only its layer-0 embedding table ``E`` changes. For a set of deleted
 interactions the :class:`InfluenceEncoder` predicts ``ΔE`` from
 
-* learnable influence embeddings ``H`` (one row per node) propagated over the graph of the
-  *deleted* edges (symmetrically normalised by the deleted graph's own degrees), LightGCN
-  style: ``Σ_{l=1..L} Â_Δ^l H``;
-* a per-node withdraw rate ``η``: ``Σ_l Â_Δ^l (η ⊙ E)`` is taken back, i.e. each endpoint of a
-  deleted edge gives back a learned fraction of the pull its deleted neighbours exerted on it;
-* a bias-free MLP correction of that difference (bias-free so that a node the request never
-  touches gets exactly ``ΔE = 0``).
+* learnable influence embeddings ``H`` (one row per node) and a learnable per-node withdraw
+  rate ``η``, combined as ``w = H − η ⊙ E``: each endpoint of a deleted edge gives back a
+  learned share of the pull its deleted neighbours exerted on it;
+* ``w`` propagated LightGCN style over the *deleted* edges, ``Σ_{l=1..L} Â_Δ^l w``, where
+  ``Â_Δ`` is the deleted edges' part of the training graph's normalised adjacency (weights
+  ``1/sqrt(d_u d_i)`` with the training graph's degrees: an item losing one of its 300 edges
+  moves little), plus the node's own ``s ⊙ w`` with ``s`` the share of its edges deleted
+  (a user deleted as a whole can drop their whole embedding);
+* a bias-free MLP correction of that sum ``z``: ``ΔE = z + MLP(z)`` (bias-free so that a node
+  the request never touches gets exactly ``ΔE = 0``).
 
 ``E + ΔE`` then goes through the frozen backbone on the *remaining* graph, which also removes
 the deleted edges from message passing. Pre-training fits the encoder to simulated requests
