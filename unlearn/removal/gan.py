@@ -202,12 +202,13 @@ class GANCleansing:
         g, d = new_traj.models()
         details: dict[str, Any] = {
             "method": "gan_cleansing", "mode": self.mode, "n_train": len(trajectory.train_ids),
-            "replayed_steps": len(new_traj),
-            "divisor": "retained" if self.renormalize else "batch",
+            "replayed_steps": len(new_traj), "last_steps": self.last_steps,
             "n_removed": len(removed), "removed_ids": removed,
             "selection": "scores" if scores is not None else
             "harm" if harm is not None else "remove_ids",
         }
+        if self.mode == "replay":
+            details["divisor"] = "retained" if self.renormalize else "batch"
         if metric is not None:
             z = eval_latents_for(trajectory) if eval_latents is None else eval_latents
             before = metric_of(trajectory.models()[0], metric, z)
