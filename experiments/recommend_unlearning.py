@@ -222,7 +222,9 @@ def write_report(data: dict[str, Any], path: Path) -> None:
         "were sharing the 2-core machine, so absolute times are noisy; the methods of one "
         "seed and scenario ran back to back under the same conditions. Commit "
         f"{data.get('commit', '?')} at the start of the run; `--report` rebuilds these tables "
-        "from `experiments/out/recommend.json`.",
+        "from `experiments/out/recommend.json`."
+        + (f" The whole run took {data['total_seconds'] / 60:.1f} min."
+           if "total_seconds" in data else ""),
         "",
         f"Seeds: {', '.join(map(str, seeds))} (the seed sets the base model's training, the "
         "sharded ensemble, the request sample and the seeds of fine-tuning and UnlearnRec; "
@@ -388,9 +390,8 @@ NOTES = """## Reading the results
   model's AUC: it does not forget.
 * The never-seen mean moves with the method too: UnlearnRec's unlearning step lowers scores
   beyond the deleted pairs (with λ_unlearn 3 visibly so), which is part of its recall cost.
-* Times: other jobs loaded the 2-core machine throughout (retraining took between about
-  30 s and 2.5 min for the same work), so the seconds vary a lot between seeds; each
-  speed-up is computed from runs made back to back on the same request.
+* Times: other jobs shared the 2-core machine during the run, so absolute seconds are
+  noisy; each speed-up is computed from runs made back to back on the same request.
 * UnlearnRec's defaults (λ_unlearn 1, λ_preserve 1, 10 fine-tuning steps, 150 pre-training
   steps) were chosen on development runs on this same data (the seed-0 model, other random
   requests, Recall@20 on the same test split), not on a separate validation split: treat
