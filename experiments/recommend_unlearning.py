@@ -371,6 +371,15 @@ def ledger_section(demo: dict[str, Any]) -> list[str]:
               + (f" ({sp:.0f}× faster)" if sp else "") + "; deleted-pair mean score "
               f"{cert['metrics']['deleted_mean']:.3f} vs never-seen "
               f"{cert['metrics']['never_seen_mean']:.3f}.", ""]
+    mia = next(c for c in cert["checks"] if c["name"] == "membership_auc")
+    if not mia["passed"] and mia["low"] is not None and mia["value"] < mia["low"]:
+        lines += ["The membership check fails on the low side: the deleted pairs look *less* "
+                  "like members than under retraining (over-forgetting). The default "
+                  "λ_unlearn pushes single interactions down to random pairs' level, while "
+                  "retraining still predicts them from the rest of the graph; the certificate "
+                  "catches exactly this. The requests stay `applied` (`certify_requests` "
+                  "moves them to `certified` only when the certificate passes, unless "
+                  "`certify_failed=True`).", ""]
     return lines
 
 
