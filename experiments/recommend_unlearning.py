@@ -396,7 +396,7 @@ NOTES = """## Reading the results
   sharded retraining and UnlearnRec, not fine-tuning.
 * Sharded retraining pays for its exactness with the ensemble's quality (each shard model
   sees a quarter of the users) and, with 5 % of the interactions or users deleted at random,
-  every shard holds some of them, so every shard is retrained.
+  every shard almost surely holds some of them, so every shard is retrained.
 * The MIA AUC of the retrained model is the reference: below it a method over-forgets
   (deleted pairs look *less* like members than under retraining, itself a signal that they
   were deleted), above it the model still remembers. Fine-tuning stays at the original
