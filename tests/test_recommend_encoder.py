@@ -187,3 +187,23 @@ def test_wrong_model_and_config(graph, model):
         UnlearnRecConfig(drop_rate=1.5)
     with pytest.raises(ValueError, match="finetune_steps"):
         UnlearnRecConfig(finetune_steps=-1)
+
+
+def test_float64_model(graph, model):
+    double = copy.deepcopy(model).double()
+    forget = graph.user_interaction_ids(3)
+    result = UnlearnRec(ENCODER, pretrain_steps=2, finetune_steps=2).unlearn(double, graph,
+                                                                            forget)
+    assert result.model.embedding.weight.dtype == torch.float64
+    assert result.details["changed_nodes"] > 0
+
+
+def test_untouched_nodes_keep_their_embeddings(graph, model, method):
+    forget = graph.user_interaction_ids(11)[:2]
+    new = method.unlearn(model, graph, forget).model
+    pairs = graph.pairs(forget)
+    touched = torch.zeros(graph.num_nodes, dtype=torch.bool)
+    touched[pairs[:, 0]] = True
+    touched[pairs[:, 1] + graph.n_users] = True
+    moved = (new.embedding.weight - model.embedding.weight).abs().sum(1) > 0
+    assert bool(moved[touched].all()) and not bool(moved[~touched].any())

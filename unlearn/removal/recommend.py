@@ -226,15 +226,16 @@ def _degrees(edges: RecEdges) -> Tensor:
                           minlength=edges.num_nodes)
 
 
-def _make_request(graph: RecEdges, drop: Tensor, degrees: Tensor) -> _Request:
+def _make_request(graph: RecEdges, drop: Tensor, degrees: Tensor,
+                  dtype: torch.dtype = torch.float32) -> _Request:
     deleted, remaining = graph.select(drop), graph.select(~drop)
     n = graph.num_nodes
-    lost = _degrees(deleted).to(torch.float32) / degrees.clamp(min=1).to(torch.float32)
+    lost = _degrees(deleted).to(dtype) / degrees.clamp(min=1).to(dtype)
     return _Request(
         deleted, remaining,
-        normalized_adjacency(deleted.users, deleted.items, graph.num_users, n,
+        normalized_adjacency(deleted.users, deleted.items, graph.num_users, n, dtype,
                              degrees=degrees),
-        normalized_adjacency(remaining.users, remaining.items, graph.num_users, n),
+        normalized_adjacency(remaining.users, remaining.items, graph.num_users, n, dtype),
         lost[:, None], degrees)
 
 
@@ -245,7 +246,7 @@ def _drop_view(req: _Request, rate: float, gen: torch.Generator) -> Tensor:
         keep[0] = True
     kept = deleted.select(keep)
     return normalized_adjacency(kept.users, kept.items, deleted.num_users, deleted.num_nodes,
-                                degrees=req.degrees)
+                                req.lost_share.dtype, degrees=req.degrees)
 
 
 @dataclass
@@ -377,7 +378,8 @@ class UnlearnRec(RecRemovalMethod):
         opt = torch.optim.Adam(encoder.parameters(), lr=cfg.lr)
         history: list[dict[str, float]] = []
         for _ in range(cfg.pretrain_steps):
-            req = _make_request(edges, _simulated_drop(edges, cfg, gen), ctx.degrees)
+            req = _make_request(edges, _simulated_drop(edges, cfg, gen), ctx.degrees,
+                                ctx.base.dtype)
             losses = _losses(encoder, ctx, req, cfg, gen)
             opt.zero_grad()
             _total(losses, cfg).backward()
@@ -441,7 +443,8 @@ class UnlearnRec(RecRemovalMethod):
         pretrained_here = self.is_pretrained_for(model)
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         ctx = _context(model, edges)
-        req = _make_request(edges, torch.isin(edges.ids, forget_ids), ctx.degrees)
+        req = _make_request(edges, torch.isin(edges.ids, forget_ids), ctx.degrees,
+                            ctx.base.dtype)
         encoder = copy.deepcopy(self.encoder).requires_grad_(True)
         opt = torch.optim.Adam(encoder.parameters(), lr=cfg.finetune_lr)
         last: dict[str, float] = {}
