@@ -435,7 +435,8 @@ def md_model(res: dict, title: str) -> list[str]:
     for r in res["rows"]:
         note = r["note"]
         if r.get("run_date") != res["date"]:
-            note = "*earlier run, older code*" + ("; " + note if note else "")
+            tag = "*earlier run, older code*" if r["lib"] == "ours" else "*earlier run*"
+            note = tag + ("; " + note if note else "")
         if r["ok"] < r["runs"]:
             note = f"**{r['runs'] - r['ok']} of {r['runs']} runs failed**: " \
                    f"{'; '.join(r['errors'])}; " + note
