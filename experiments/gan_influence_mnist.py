@@ -129,7 +129,11 @@ def report(outs: list[Path], md: Path) -> None:
         "measures whether the estimate is the derivative it claims to be; with a larger ε, how "
         "far the run's response stays linear. Where FD at small ε agrees and FD at large ε "
         "or the leave-one-out truth do not, the training dynamics are too nonlinear (chaotic) "
-        "for a first-order estimate of removing a whole instance.",
+        "for a first-order estimate of removing a whole instance. A finite difference at the "
+        "smallest ε can fall below a metric's numerical precision (FID takes square roots of "
+        "eigenvalues), where it is noise rather than a check. ReLU kinks make the run only "
+        "piecewise smooth, so a middle ε can also miss where both a smaller ε and the "
+        "leave-one-out truth agree.",
     ]
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(lines) + "\n")
