@@ -161,7 +161,8 @@ def run_mnist_seed(args: argparse.Namespace, seed: int, classifier) -> dict:
     g, d = gan_mnist(seed=seed)
     t0 = time.perf_counter()
     traj = train_gan(g, d, train, epochs=args.mnist_epochs, batch_size=args.mnist_batch_size,
-                     lr_d=args.mnist_lr, lr_g=args.mnist_lr, seed=seed, checkpoint_every=20)
+                     lr_d=args.mnist_lr, lr_g=args.mnist_lr, momentum=args.mnist_momentum,
+                     seed=seed, checkpoint_every=20)
     train_s = time.perf_counter() - t0
     z_val = eval_latents_for(traj, 500, seed=1000 + seed)
     z_test = eval_latents_for(traj, 1000, seed=2000 + seed)
@@ -275,15 +276,18 @@ def _mnist_section(data: dict, title: str) -> list[str]:
         f"the last {a['mnist_last_epochs']} epoch(s) only"
     lines += [
         title, "",
-        f"Command: `{data['command']}`  ",
+        f"Command: `{data['command']}`"
+        + (f" ({data['command_note']})" if "command_note" in data else "") + "  ",
         f"Date: {data['date']}; machine: {data['machine']}; seeds "
-        f"{[r['seed'] for r in runs]}; total {data.get('total_seconds', 0) / 60:.1f} min.",
+        f"{[r['seed'] for r in runs]}; total {data.get('total_seconds', 0) / 60:.1f} min "
+        "(wall clock, on the shared machine).",
         "",
         f"Setup: {a['mnist_n_train']} real MNIST digits (from the 10,000 of "
         "`mnist-t10k`, a random split per seed), a 1,000-digit validation set (the "
         "influence target's FID reference) and a disjoint 1,000-digit test set (the "
         f"judge). `gan_mnist` (G: 32-d latent → linear → 2 transposed convs, sigmoid; D: 2 "
-        f"stride-2 convs + linear; no batch norm), plain SGD lr {a['mnist_lr']}, batch "
+        f"stride-2 convs + linear; no batch norm), SGD lr {a['mnist_lr']}, momentum "
+        f"{a.get('mnist_momentum', 0.0)} for both players, batch "
         f"{a['mnist_batch_size']}, {a['mnist_epochs']} epochs ({runs[0]['steps']} steps). "
         "FID and IS use the features / class probabilities of a small CNN trained here on "
         "all 10,000 digits (3 epochs; not Inception, so the values are not comparable with "
@@ -432,7 +436,12 @@ def report() -> None:
                          "## (b) DCGAN on MNIST, FID and Inception score"),
                         ("gan_cleansing_mnist_full.json",
                          "## (b′) The same, influence traced over the whole run and the whole "
-                         "run replayed")):
+                         "run replayed"),
+                        ("gan_cleansing_mnist_lr05.json",
+                         "## (b″) A larger learning rate without momentum, where the backward "
+                         "pass blows up"),
+                        ("gan_cleansing_mnist_lr05_full.json",
+                         "## (b‴) Larger learning rate, whole run")):
         if (OUT / name).is_file():
             lines += _mnist_section(json.loads((OUT / name).read_text()), title)
     MD.parent.mkdir(parents=True, exist_ok=True)
@@ -457,7 +466,10 @@ def main() -> None:
     p.add_argument("--mnist-n-train", type=int, default=2000)
     p.add_argument("--mnist-batch-size", type=int, default=50)
     p.add_argument("--mnist-epochs", type=int, default=12)
-    p.add_argument("--mnist-lr", type=float, default=0.05)
+    p.add_argument("--mnist-lr", type=float, default=0.02)
+    p.add_argument("--mnist-momentum", type=float, default=0.5)
+    p.add_argument("--mnist-tag", default="",
+                   help="suffix of the MNIST JSON file (gan_cleansing_mnist<tag>.json)")
     p.add_argument("--mnist-last-epochs", type=int, default=1,
                    help="trace the influence over the last N epochs and replay only those "
                    "(one-epoch retraining); 0: the whole run (default: 1)")
@@ -493,8 +505,7 @@ def main() -> None:
             print(f"MNIST seed {seed} ...", flush=True)
             data["runs"].append(run_mnist_seed(args, seed, classifier))
             data["total_seconds"] = time.perf_counter() - start
-            save(OUT / ("gan_cleansing_mnist.json" if args.mnist_last_epochs
-                        else "gan_cleansing_mnist_full.json"), data)
+            save(OUT / f"gan_cleansing_mnist{args.mnist_tag}.json", data)
     report()
 
 

@@ -55,6 +55,16 @@ def _lr(text: str) -> float:
     return value
 
 
+def _momentum(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "gan-cleanse",
@@ -91,8 +101,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--batch-size", type=_positive, default=None,
                    help="batch size (default: 100 for 2d, 50 for mnist)")
     p.add_argument("--lr", type=_lr, default=None,
-                   help="SGD learning rate of both players (default: 0.01 for 2d, 0.05 for "
+                   help="SGD learning rate of both players (default: 0.01 for 2d, 0.02 for "
                    "mnist)")
+    p.add_argument("--momentum", type=_momentum, default=None,
+                   help="SGD momentum of both players (default: 0 for 2d, 0.5 for mnist)")
     p.add_argument("--mnist-root", type=Path, default=DEFAULT_MNIST,
                    help="folder with t10k-images-idx3-ubyte(.gz) and t10k-labels (default: "
                    f"{DEFAULT_MNIST})")
@@ -106,8 +118,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-DEFAULTS = {"2d": {"n_train": 1000, "epochs": 30, "batch_size": 100, "lr": 0.01},
-            "mnist": {"n_train": 2000, "epochs": 12, "batch_size": 50, "lr": 0.05}}
+DEFAULTS = {"2d": {"n_train": 1000, "epochs": 30, "batch_size": 100, "lr": 0.01, "momentum": 0.0},
+            "mnist": {"n_train": 2000, "epochs": 12, "batch_size": 50, "lr": 0.02,
+                      "momentum": 0.5}}
 
 
 def _setting(args: argparse.Namespace) -> dict[str, Any]:
@@ -196,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         traj = train_gan(setup["g"], setup["d"], setup["data"], epochs=cfg["epochs"],
                          batch_size=cfg["batch_size"], lr_d=cfg["lr"], lr_g=cfg["lr"],
+                         momentum=cfg["momentum"],
                          seed=args.seed, checkpoint_every=1 if args.dataset == "2d" else 20)
     except FloatingPointError as err:
         raise UserError(f"{err}; try a smaller --lr") from err
