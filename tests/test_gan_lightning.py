@@ -22,9 +22,15 @@ def points(n=60, seed=0):
 
 def fit(module, dataset, *, epochs=3, batch_size=20, log=None, shuffle=True):
     log = log or TrainingLogCallback(every_n_steps=10**6, get_ids=gan_batch_ids)
-    trainer = pl.Trainer(max_epochs=epochs, callbacks=[log], logger=False, accelerator="cpu",
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[log],
+        logger=False,
+        accelerator="cpu",
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, DataLoader(dataset, batch_size=batch_size, shuffle=shuffle))
     return log
 
@@ -32,8 +38,11 @@ def fit(module, dataset, *, epochs=3, batch_size=20, log=None, shuffle=True):
 @pytest.mark.parametrize("layout", ["ids_x_y", "ids_x"])
 def test_fit_log_reconstructs_the_run_and_feeds_cleansing(layout):
     x = points()
-    data = (from_tensors(x, torch.zeros(60, dtype=torch.long), ids=torch.arange(500, 560))
-            if layout == "ids_x_y" else IndexedDataset(TensorDataset(x), ids=range(500, 560)))
+    data = (
+        from_tensors(x, torch.zeros(60, dtype=torch.long), ids=torch.arange(500, 560))
+        if layout == "ids_x_y"
+        else IndexedDataset(TensorDataset(x), ids=range(500, 560))
+    )
     g, d = gan_2d(latent_dim=4, hidden_g=16, hidden_d=16, seed=1)
     module = GANModule(g, d, lr_d=0.05, lr_g=0.05, latent_seed=7)
     log = fit(module, data)
@@ -41,8 +50,12 @@ def test_fit_log_reconstructs_the_run_and_feeds_cleansing(layout):
     traj = trajectory_from_log(log, module, data)
     assert len(traj) == 18  # a D step and a G step per batch
     # the replayed run ends at the weights Lightning produced (checked inside, and here)
-    trained = torch.cat([p.detach().reshape(-1) for p in
-                         [*module.generator.parameters(), *module.discriminator.parameters()]])
+    trained = torch.cat(
+        [
+            p.detach().reshape(-1)
+            for p in [*module.generator.parameters(), *module.discriminator.parameters()]
+        ]
+    )
     assert torch.allclose(traj.final_params(), trained, atol=1e-10, rtol=0)
     # the batches are the loader's (shuffled) batches
     assert traj.batch(0) == list(log.steps[0].ids)
@@ -52,8 +65,9 @@ def test_fit_log_reconstructs_the_run_and_feeds_cleansing(layout):
     res = GANCleansing(k=3).cleanse(traj, scores=scores, metric=metric)
     assert res.details["n_removed"] == 3
     assert set(res.details["removed_ids"]) <= set(range(500, 560))
-    assert torch.equal(res.trajectory.final_params(),
-                       replay(traj, res.details["removed_ids"]).final_params())
+    assert torch.equal(
+        res.trajectory.final_params(), replay(traj, res.details["removed_ids"]).final_params()
+    )
 
 
 def test_minimax_and_weight_decay_replay_exactly_and_the_check_is_sensitive():
@@ -65,20 +79,25 @@ def test_minimax_and_weight_decay_replay_exactly_and_the_check_is_sensitive():
     x = points(40)
     data = from_tensors(x, torch.zeros(40, dtype=torch.long))
     g, d = gan_2d(latent_dim=3, hidden_g=8, hidden_d=8, seed=2)
-    module = GANModule(g, d, lr_d=0.1, lr_g=0.02, latent_seed=11, loss="minimax",
-                       weight_decay_d=0.01)
+    module = GANModule(
+        g, d, lr_d=0.1, lr_g=0.02, latent_seed=11, loss="minimax", weight_decay_d=0.01
+    )
     log = fit(module, data, epochs=2, batch_size=15, shuffle=False)
     traj = trajectory_from_log(log, module, data)  # raises if the replay missed the weights
     assert int(traj.seeds_d[0]) == latent_seed_for(11, 0, 0, "d")
     assert traj.loss == "minimax" and traj.weight_decay_d == 0.01
     assert traj.batch(0) == list(range(15)) and traj.batch(4) == list(range(30, 40))
-    for change in ({"loss": "nonsaturating"}, {"weight_decay_d": 0.0},
-                   {"seeds_g": traj.seeds_g + 1}):
+    for change in (
+        {"loss": "nonsaturating"},
+        {"weight_decay_d": 0.0},
+        {"seeds_g": traj.seeds_g + 1},
+    ):
         wrong = copy.copy(traj)
         for k, v in change.items():
             setattr(wrong, k, v)
-        assert not torch.allclose(replay(wrong).final_params(), traj.final_params(),
-                                  atol=1e-6, rtol=0), change
+        assert not torch.allclose(
+            replay(wrong).final_params(), traj.final_params(), atol=1e-6, rtol=0
+        ), change
 
 
 def test_momentum_run_reconstructs_exactly():
@@ -121,5 +140,9 @@ def test_errors():
     # a batch without ids
     plain = TensorDataset(x)
     with pytest.raises(ValueError, match="ids"):
-        fit(GANModule(*gan_2d(latent_dim=3, hidden_g=8, hidden_d=8)), plain, epochs=1,
-            log=TrainingLogCallback(require_ids=False))
+        fit(
+            GANModule(*gan_2d(latent_dim=3, hidden_g=8, hidden_d=8)),
+            plain,
+            epochs=1,
+            log=TrainingLogCallback(require_ids=False),
+        )

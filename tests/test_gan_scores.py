@@ -14,8 +14,9 @@ from unlearn.generative.scores import (
 )
 
 MNIST = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist-t10k"
-pytestmark = pytest.mark.skipif(not (MNIST / "t10k-images-idx3-ubyte.gz").is_file(),
-                                reason="real MNIST not available")
+pytestmark = pytest.mark.skipif(
+    not (MNIST / "t10k-images-idx3-ubyte.gz").is_file(), reason="real MNIST not available"
+)
 
 
 @pytest.fixture(scope="module")
