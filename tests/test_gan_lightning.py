@@ -62,7 +62,7 @@ def test_fit_log_reconstructs_the_run_and_feeds_cleansing(layout):
     # the cleansing path consumes it: influence, selection, replay without the harmful ids
     metric = AverageLogLikelihood(points(200, seed=5), bandwidth=0.5)
     scores = GANInfluence(traj, metric, eval_latents=50).scores()
-    res = GANCleansing(k=3).cleanse(traj, scores=scores, metric=metric)
+    res = GANCleansing(k=3, renormalize=False).cleanse(traj, scores=scores, metric=metric)
     assert res.details["n_removed"] == 3
     assert set(res.details["removed_ids"]) <= set(range(500, 560))
     assert torch.equal(
