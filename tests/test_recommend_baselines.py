@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
+from rec_fixtures import CONFIG, ML100K, community_graph
 
 from baselines.recommend import (
     FineTuneRec,
@@ -29,25 +29,6 @@ from unlearn.recommend import (
     train_lightgcn,
 )
 from unlearn.recommend.protocol import forget_request
-
-CONFIG = BPRConfig(dim=16, num_layers=2, epochs=60, lr=1e-2, batch_size=64, seed=0)
-ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
-
-
-def community_graph(seed: int = 0, n_users: int = 30, n_items: int = 40,
-                    per_user: int = 8) -> InteractionGraph:
-    g = torch.Generator().manual_seed(seed)
-    users, items = [], []
-    half = n_items // 2
-    for u in range(n_users):
-        c = 2 * u // n_users
-        own = torch.randperm(half, generator=g)[:per_user] + c * half
-        other = torch.randperm(half, generator=g)[:1] + (1 - c) * half
-        for i in torch.cat([own, other]).tolist():
-            users.append(u)
-            items.append(i)
-    return InteractionGraph.from_pairs(users, items, n_users=n_users, n_items=n_items,
-                                       test_fraction=0.2, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import io
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from rec_fixtures import ML100K, community_graph
 
 from unlearn.recommend import (
     InteractionGraph,
@@ -28,26 +28,9 @@ from unlearn.recommend import (
 )
 from unlearn.recommend import data as rec_data
 
-ML100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-100k"
 needs_ml100k = pytest.mark.skipif(not (ML100K / "ml-100k.inter").is_file(),
                                   reason="shared MovieLens-100K not available")
 
-
-def community_graph(seed: int = 0, n_users: int = 30, n_items: int = 40, per_user: int = 8,
-                    test_fraction: float = 0.2) -> InteractionGraph:
-    """Two communities: users of each mostly like the items of their own half."""
-    g = torch.Generator().manual_seed(seed)
-    users, items = [], []
-    half = n_items // 2
-    for u in range(n_users):
-        c = 2 * u // n_users
-        own = torch.randperm(half, generator=g)[:per_user] + c * half
-        other = torch.randperm(half, generator=g)[:1] + (1 - c) * half
-        for i in torch.cat([own, other]).tolist():
-            users.append(u)
-            items.append(i)
-    return InteractionGraph.from_pairs(users, items, n_users=n_users, n_items=n_items,
-                                       test_fraction=test_fraction, seed=seed)
 
 
 # ------------------------------------------------------------------------------- loader

@@ -7,11 +7,12 @@ import json
 
 import pytest
 import torch
+from rec_fixtures import CONFIG, community_graph
 
 from baselines.recommend import RetrainRec
 from unlearn.audit.recommend import RecCertificate, certify_recommendation
 from unlearn.ledger import Ledger
-from unlearn.recommend import BPRConfig, InteractionGraph, score_pairs, train_lightgcn
+from unlearn.recommend import InteractionGraph, score_pairs, train_lightgcn
 from unlearn.recommend.protocol import forget_request
 from unlearn.recommend.requests import (
     apply_requests,
@@ -23,26 +24,10 @@ from unlearn.recommend.requests import (
 )
 from unlearn.removal.recommend import UnlearnRec, UnlearnRecConfig
 
-CONFIG = BPRConfig(dim=16, num_layers=2, epochs=60, lr=1e-2, batch_size=64, seed=0)
 ENCODER = UnlearnRecConfig(pretrain_steps=30, finetune_steps=30, batch_size=256, hidden=16,
                            lambda_unlearn=3.0, lr=0.02, finetune_lr=0.02, contrast_nodes=32,
                            unlearn_margin=0.5)
 
-
-def community_graph(seed: int = 0, n_users: int = 30, n_items: int = 40,
-                    per_user: int = 8) -> InteractionGraph:
-    g = torch.Generator().manual_seed(seed)
-    users, items = [], []
-    half = n_items // 2
-    for u in range(n_users):
-        c = 2 * u // n_users
-        own = torch.randperm(half, generator=g)[:per_user] + c * half
-        other = torch.randperm(half, generator=g)[:1] + (1 - c) * half
-        for i in torch.cat([own, other]).tolist():
-            users.append(u)
-            items.append(i)
-    return InteractionGraph.from_pairs(users, items, n_users=n_users, n_items=n_items,
-                                       test_fraction=0.2, seed=seed)
 
 
 @pytest.fixture(scope="module")
