@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from unlearn.cli import positive_float, positive_int
+
 __all__ = ["add_parser", "run"]
 
 SELECTIONS = ("influence", "discriminator_loss", "random", "isolation_forest")
@@ -32,26 +34,6 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _lr(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 
@@ -86,7 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="how harmful instances are chosen (default: influence)")
     p.add_argument("--mode", choices=MODES, default="replay",
                    help="replay the recorded run without them (default) or retrain afresh")
-    p.add_argument("--last-epochs", type=_positive, default=None,
+    p.add_argument("--last-epochs", type=positive_int, default=None,
                    help="trace influence over the last N epochs and replay only those (the "
                    "paper's one-epoch retraining; replay mode only; default: the whole run)")
     p.add_argument("--metric", choices=("fid", "is"), default="fid",
@@ -94,13 +76,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "(default: fid)")
     p.add_argument("--out", type=Path, default=Path("gan-cleanse-output"),
                    help="output folder (default: gan-cleanse-output)")
-    p.add_argument("--n-train", type=_positive, default=None,
+    p.add_argument("--n-train", type=positive_int, default=None,
                    help="training instances (default: 1000 for 2d, 2000 for mnist)")
-    p.add_argument("--epochs", type=_positive, default=None,
+    p.add_argument("--epochs", type=positive_int, default=None,
                    help="training epochs (default: 30 for 2d, 12 for mnist)")
-    p.add_argument("--batch-size", type=_positive, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="batch size (default: 100 for 2d, 50 for mnist)")
-    p.add_argument("--lr", type=_lr, default=None,
+    p.add_argument("--lr", type=positive_float, default=None,
                    help="SGD learning rate of both players (default: 0.01 for 2d, 0.02 for "
                    "mnist)")
     p.add_argument("--momentum", type=_momentum, default=None,
@@ -112,7 +94,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="MNIST only: where the scoring classifier is cached (default: "
                    "<out>/cache)")
     p.add_argument("--seed", type=int, default=0, help="seed of data, model and training")
-    p.add_argument("--threads", type=_positive, default=1, help="torch threads (default: 1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
     return p
