@@ -19,13 +19,23 @@ PACKAGES: tuple[tuple[str, str], ...] = (
     ("unlearn.tasks", "how a model's per-sample loss is computed"),
     ("unlearn.influence", "influence estimators (one protocol), scores, evaluation"),
     ("unlearn.influence.evaluate", "checking estimators against retraining"),
+    ("unlearn.influence.sgd_trajectory", "recorded SGD runs and their exact replay"),
     ("unlearn.removal", "removal modules (one protocol)"),
     ("baselines", "baselines with the same protocol, retraining first"),
     ("unlearn.audit", "metrics, membership inference, certificates"),
     ("unlearn.ledger", "the deletion-request ledger"),
     ("unlearn.lightning", "Lightning callbacks"),
     ("unlearn.generative", "GANs with recorded trajectories, generative metrics"),
+    ("unlearn.generative.scores", "FID and Inception score on a locally trained classifier"),
+    ("unlearn.removal.gan", "GAN data cleansing"),
+    ("unlearn.removal.gan_selection", "choosing the instances a cleansing removes"),
+    ("unlearn.lightning.gan", "a GAN LightningModule whose log feeds cleansing"),
     ("unlearn.recommend", "recommendation data, LightGCN backbone, ranking metrics"),
+    ("unlearn.recommend.protocol", "the recommendation removal protocol"),
+    ("unlearn.removal.recommend", "UnlearnRec, the pre-trained influence encoder"),
+    ("baselines.recommend", "recommendation baselines"),
+    ("unlearn.recommend.requests", "recommendation deletion requests through the ledger"),
+    ("unlearn.audit.recommend", "the recommendation certificate"),
 )
 
 

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+__all__ = ["Task", "ClassificationTask", "RegressionTask"]
+
 
 class Task:
     """Base task. Subclasses must implement :meth:`per_sample_loss`."""
