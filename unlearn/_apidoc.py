@@ -66,7 +66,20 @@ def describe(name: str, obj: Any) -> list[str]:
         return [*lines, ""]
     if callable(obj):
         return [f"### `{name}{signature(obj)}`", "", first_paragraph(obj), ""]
-    return [f"### `{name}`", "", f"Constant: `{obj!r}`"[:300], ""]
+    return [f"### `{name}`", "", f"Constant: `{stable_repr(obj)}`"[:300], ""]
+
+
+def stable_repr(obj: Any) -> str:
+    """``repr`` with sets sorted, so the page does not change with Python's hash seed."""
+    if isinstance(obj, (set, frozenset)):
+        items = ", ".join(sorted(stable_repr(x) for x in obj))
+        return f"{type(obj).__name__}({{{items}}})" if items else f"{type(obj).__name__}()"
+    if isinstance(obj, dict):
+        return "{" + ", ".join(f"{stable_repr(k)}: {stable_repr(v)}" for k, v in obj.items()) + "}"
+    if isinstance(obj, (list, tuple)):
+        inner = ", ".join(stable_repr(x) for x in obj)
+        return f"[{inner}]" if isinstance(obj, list) else f"({inner}{',' if len(obj) == 1 else ''})"
+    return repr(obj)
 
 
 def render() -> str:
