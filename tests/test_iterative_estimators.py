@@ -334,3 +334,35 @@ def test_cg_refuses_negative_curvature_with_zero_damping(mlp):
     with pytest.warns(RuntimeWarning, match="non-positive curvature"):
         out = warn.inverse_hvp(torch.stack([v, mlp.G[0]]))
     assert torch.isfinite(out).all() and torch.equal(out[0], torch.zeros_like(v))
+
+
+def test_preconditioned_cg_reaches_the_same_solution_in_fewer_passes():
+    from unlearn.influence import EKFACInfluence
+
+    l2 = 1e-3
+    model, task, train, _ = breast_cancer_lr(l2)
+    loader = full_batch(train)
+    exact = ExactInfluence(model, task, damping=l2, progress=False).fit(loader)
+    V = torch.randn(5, exact.space.numel, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    X = exact.inverse_hvp(V)
+    kw = dict(damping=l2, tol=1e-10, max_iter=500, progress=False)
+    plain = CGInfluence(model, task, **kw).fit(loader)
+    ekfac = EKFACInfluence(model, task, damping=l2, fisher="exact", progress=False).fit(loader)
+    pcg = CGInfluence(model, task, preconditioner=ekfac, **kw).fit(loader)
+    assert rel_err(plain.inverse_hvp(V), X) < 1e-8
+    assert rel_err(pcg.inverse_hvp(V), X) < 1e-8  # the same solution ...
+    assert rel_err(ekfac.inverse_hvp(V), X) > 1e-2  # ... which the preconditioner is not
+    # ... in fewer passes over the data (measured: 40 plain, 29 preconditioned)
+    assert pcg.last_iterations < 0.85 * plain.last_iterations, (
+        pcg.last_iterations, plain.last_iterations)
+
+
+def test_cg_preconditioner_must_cover_the_same_parameters(mlp):
+    from unlearn.influence import EKFACInfluence
+
+    last = EKFACInfluence(mlp.model, mlp.task, params=["2.weight", "2.bias"], progress=False)
+    with pytest.raises(ValueError, match="other parameters"):
+        CGInfluence(mlp.model, mlp.task, preconditioner=last)
+    with pytest.raises(TypeError, match="fitted InfluenceEstimator"):
+        CGInfluence(mlp.model, mlp.task, preconditioner="ekfac")

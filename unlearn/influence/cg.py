@@ -177,6 +177,10 @@ class CGInfluence(MatrixFreeInfluence):
         on_indefinite: what to do when a search direction has ``pᵀ(C + λI)p <= 0`` (the system
             is not positive definite): ``"raise"`` an :class:`IndefiniteCurvatureError`, or
             ``"warn"`` and stop that row at its current iterate.
+        preconditioner: a fitted estimator on the same model and parameters (e.g. EK-FAC)
+            whose ``inverse_hvp`` approximates ``(C + λI)⁻¹``: preconditioned CG, which
+            converges to the same solution in fewer passes over the data when the
+            approximation is good. Its damping need not equal ``damping``.
 
     After each solve ``last_iterations`` holds the number of iterations (passes over the
     data) and ``last_residuals`` each row's final relative residual.
@@ -187,8 +191,17 @@ class CGInfluence(MatrixFreeInfluence):
     def __init__(self, model: nn.Module, task: Task, damping: float = 1e-3, *,
                  curvature: str = "hessian", max_iter: int = 100, tol: float = 1e-6,
                  curvature_batches: int | None = None, on_indefinite: str = "raise",
-                 **kw: Any) -> None:
+                 preconditioner: InfluenceEstimator | None = None, **kw: Any) -> None:
         super().__init__(model, task, damping, curvature=curvature, **kw)
+        if preconditioner is not None:
+            if not isinstance(preconditioner, InfluenceEstimator):
+                raise TypeError(f"preconditioner must be a fitted InfluenceEstimator, got "
+                                f"{type(preconditioner).__name__}")
+            if preconditioner.space.names != self.space.names:
+                raise ValueError("the preconditioner covers other parameters "
+                                 f"({list(preconditioner.space.names)[:3]}...) than this "
+                                 f"estimator ({list(self.space.names)[:3]}...)")
+        self.preconditioner = preconditioner
         check_positive_int(max_iter, "max_iter")
         check_positive_float(tol, "tol")
         check_positive_int(curvature_batches, "curvature_batches", allow_none=True)
@@ -212,10 +225,13 @@ class CGInfluence(MatrixFreeInfluence):
 
     def _precondition(self, G: Tensor) -> Tensor:
         A = self._damped()
+        M = self._inverse_preconditioner()
         X = torch.zeros_like(G)
         R = G.clone()
-        D = R.clone()
-        rs = (R * R).sum(dim=1)
+        Z = M(R)
+        D = Z.clone()
+        rs = (R * R).sum(dim=1)  # squared residual norms: the stopping test
+        rz = (R * Z).sum(dim=1)  # rᵀ M⁻¹ r: the CG scalars (= rs without a preconditioner)
         target = (self.tol * G.norm(dim=1)) ** 2
         active = rs > target  # zero rows are solved by x = 0
         it = 0
@@ -231,13 +247,15 @@ class CGInfluence(MatrixFreeInfluence):
                 self._indefinite(idx[bad], curv[bad], it)
                 active[idx[bad]] = False
                 idx, AD, curv = idx[~bad], AD[~bad], curv[~bad]
-            alpha = (rs[idx] / curv).unsqueeze(1)
+            alpha = (rz[idx] / curv).unsqueeze(1)
             X[idx] += alpha * D[idx]
             R[idx] -= alpha * AD
-            rs_new = (R[idx] ** 2).sum(dim=1)
-            D[idx] = R[idx] + (rs_new / rs[idx]).unsqueeze(1) * D[idx]
-            rs[idx] = rs_new
-            active[idx] = rs_new > target[idx]
+            Z_idx = M(R[idx])
+            rz_new = (R[idx] * Z_idx).sum(dim=1)
+            D[idx] = Z_idx + (rz_new / rz[idx]).unsqueeze(1) * D[idx]
+            rz[idx] = rz_new
+            rs[idx] = (R[idx] ** 2).sum(dim=1)
+            active[idx] = rs[idx] > target[idx]
         self.last_iterations = it
         norms = G.norm(dim=1)
         self.last_residuals = torch.where(norms > 0, rs.sqrt() / norms, torch.zeros_like(norms))
@@ -249,6 +267,13 @@ class CGInfluence(MatrixFreeInfluence):
                 RuntimeWarning, stacklevel=3,
             )
         return X
+
+    def _inverse_preconditioner(self) -> Product:
+        """``R -> M⁻¹ R`` row by row: the preconditioner's inverse-HVP, or the identity."""
+        pre = self.preconditioner
+        if pre is None:
+            return lambda R: R
+        return lambda R: pre.inverse_hvp(R).to(R)  # type: ignore[union-attr]
 
     def _indefinite(self, rows: Tensor, curv: Tensor, it: int) -> None:
         msg = (
