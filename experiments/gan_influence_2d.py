@@ -59,6 +59,17 @@ def jaccard_top(pred: np.ndarray, truth: np.ndarray, frac: float = 0.1) -> float
     return len(a & b) / len(a | b)
 
 
+def replay_truths(traj, estimators: dict, base: dict, check_ids) -> dict[str, np.ndarray]:
+    """The true change of every estimator's target (from its value ``base``) when each
+    checked id is left out: one replay per id, shared by all the targets."""
+    truth = {name: np.zeros(len(check_ids)) for name in estimators}
+    for k, i in enumerate(check_ids):
+        theta = replay(traj, [i]).final_params()
+        for name, est in estimators.items():
+            truth[name][k] = est.value(theta) - base[name]
+    return truth
+
+
 def stats(pred: np.ndarray, truth: np.ndarray) -> dict:
     return {
         "pearson": float(pearsonr(pred, truth)[0]),
@@ -103,12 +114,8 @@ def run_one(args: argparse.Namespace, seed: int, schedule: str) -> dict:
             estimates[f"{name}|{variant}"] = s[check].numpy()
             estimators[name] = est if variant == "full" else estimators[name]
     base = {name: est.value() for name, est in estimators.items()}
-    truth = {name: np.zeros(len(check_ids)) for name in targets}
     t0 = time.perf_counter()
-    for k, i in enumerate(check_ids):
-        theta = replay(traj, [i]).final_params()
-        for name, est in estimators.items():
-            truth[name][k] = est.value(theta) - base[name]
+    truth = replay_truths(traj, estimators, base, check_ids)
     replay_s = time.perf_counter() - t0
     rows = []
     for key, pred in estimates.items():

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
-from gan_influence_2d import stats  # noqa: E402
+from gan_influence_2d import replay_truths, stats  # noqa: E402
 
 from unlearn.data import mnist_split  # noqa: E402
 from unlearn.generative.metrics import AverageLogLikelihood  # noqa: E402
@@ -77,12 +77,8 @@ def run_one(args: argparse.Namespace, seed: int, classifier, dtype: torch.dtype)
         seconds[name] = time.perf_counter() - t0
         ests[name] = est
     base = {name: est.value() for name, est in ests.items()}
-    truth = {name: np.zeros(len(check_ids)) for name in targets}
     t0 = time.perf_counter()
-    for k, i in enumerate(check_ids):
-        theta = replay(traj, [i]).final_params()
-        for name, est in ests.items():
-            truth[name][k] = est.value(theta) - base[name]
+    truth = replay_truths(traj, ests, base, check_ids)
     replay_s = time.perf_counter() - t0
     # Finite differences on the first --fd checked instances: the instance's weight in the
     # replay is lowered by ε; (f(1 - ε) - f(1)) / ε is the derivative the estimate computes.

@@ -135,12 +135,7 @@ class Certificate:
 
     def summary(self) -> str:
         """One line per check."""
-        lines = [f"certificate: {'PASS' if self.passed else 'FAIL'} "
-                 f"({len(self.checks) - len(self.failed)}/{len(self.checks)} checks)"]
-        for c in self.checks:
-            lines.append(f"  {'ok  ' if c.passed else 'FAIL'} {c.name:18s} {c.value:10.4g} "
-                         f"band [{_fmt(c.low)}, {_fmt(c.high)}]")
-        return "\n".join(lines)
+        return "\n".join(check_lines("certificate", self.checks, width=18))
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -199,6 +194,17 @@ def _check_schema(data: Any) -> None:
 
 def _fmt(v: float | None) -> str:
     return "-inf/inf" if v is None else f"{v:.4g}"
+
+
+def check_lines(title: str, checks: list[Check], width: int) -> list[str]:
+    """A verdict line, then one line per check with its value and band."""
+    failed = sum(not c.passed for c in checks)
+    lines = [f"{title}: {'FAIL' if failed else 'PASS'} ({len(checks) - failed}/{len(checks)} "
+             "checks)"]
+    for c in checks:
+        lines.append(f"  {'ok  ' if c.passed else 'FAIL'} {c.name:{width}s} {c.value:10.4g} "
+                     f"band [{_fmt(c.low)}, {_fmt(c.high)}]")
+    return lines
 
 
 def _jsonable(x: Any) -> Any:

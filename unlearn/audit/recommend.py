@@ -39,7 +39,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from unlearn.audit.certificate import Check, _atomic_write, _jsonable, _timeline
+from unlearn.audit.certificate import (
+    Check,
+    _atomic_write,
+    _jsonable,
+    _timeline,
+    check_lines,
+)
 from unlearn.recommend.data import InteractionGraph
 from unlearn.recommend.metrics import forgetting_report
 from unlearn.removal.base import RemovalResult
@@ -84,13 +90,7 @@ class RecCertificate:
         return [c.name for c in self.checks if not c.passed]
 
     def summary(self) -> str:
-        lines = [f"recommendation certificate: {'PASS' if self.passed else 'FAIL'} "
-                 f"({len(self.checks) - len(self.failed)}/{len(self.checks)} checks)"]
-        for c in self.checks:
-            lo = "-inf" if c.low is None else f"{c.low:.4g}"
-            hi = "inf" if c.high is None else f"{c.high:.4g}"
-            lines.append(f"  {'ok  ' if c.passed else 'FAIL'} {c.name:24s} {c.value:10.4g} "
-                         f"band [{lo}, {hi}]")
+        lines = check_lines("recommendation certificate", self.checks, width=24)
         sp = self.cost.get("speedup")
         if sp is not None:
             lines.append(f"  removal {self.cost['removal_seconds']:.3g} s vs retraining "

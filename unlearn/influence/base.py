@@ -150,11 +150,7 @@ class InfluenceEstimator:
         ``(values, column_indices)``; ``out=path.npy`` streams the full matrix to a
         memory-mapped ``.npy`` file instead of holding it in memory, and returns the memmap.
         """
-        self._require_fitted()
-        check_loader(query_loader, "query_loader")
-        check_loader(train_loader, "train_loader")
-        if top_k is not None and out is not None:
-            raise ValueError("choose one of top_k and out, not both")
+        self._check_scores_call(query_loader, train_loader, top_k, out)
         queries = self._preconditioned_queries(query_loader)
         n_query = queries.n
         n_cols = len(train_loader.dataset)  # type: ignore[arg-type]
@@ -251,6 +247,17 @@ class InfluenceEstimator:
         """Hook for subclasses that derive state from ``self.factors``."""
 
     # ----------------------------------------------------------------- helpers
+    def _check_scores_call(self, query_loader: DataLoader, train_loader: DataLoader,
+                           top_k: int | None, out: Any) -> None:
+        """What every ``scores`` checks first: fitted, ordered loaders, one output mode."""
+        self._require_fitted()
+        check_loader(query_loader, "query_loader")
+        check_loader(train_loader, "train_loader")
+        if top_k is not None and out is not None:
+            raise ValueError("choose one of top_k and out, not both")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+
     def _require_fitted(self) -> None:
         if self.n_train is None:
             raise NotFittedError(f"{type(self).__name__} is not fitted: call fit(train_loader)")

@@ -369,13 +369,7 @@ class KFACInfluence(InfluenceEstimator):
         ``_TRAIN_CACHE_BYTES`` (and recomputed otherwise)."""
         if not self._eigen_scoring():
             return super().scores(query_loader, train_loader, top_k=top_k, out=out)
-        self._require_fitted()
-        check_loader(query_loader, "query_loader")
-        check_loader(train_loader, "train_loader")
-        if top_k is not None and out is not None:
-            raise ValueError("choose one of top_k and out, not both")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self._check_scores_call(query_loader, train_loader, top_k, out)
         dtype, _ = model_dtype_device(self.model)
         bases = self._bases(dtype)
         rows = _dataset_len(query_loader)

@@ -338,13 +338,7 @@ class SGDInfluence(InfluenceEstimator):
         """``[n_query, n_train]``: the influence of every example of ``train_loader`` (its
         ids, in its order) on every query's loss. All query gradients go back together (in
         chunks of ``query_chunk``). ``top_k`` / ``out`` as in the base class."""
-        self._require_fitted()
-        check_loader(query_loader, "query_loader")
-        check_loader(train_loader, "train_loader")
-        if top_k is not None and out is not None:
-            raise ValueError("choose one of top_k and out, not both")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self._check_scores_call(query_loader, train_loader, top_k, out)
         cols = self._columns(train_loader)
         blocks = [self.propagate(Q)[:, cols].cpu()
                   for Q in self._gradient_chunks(query_loader, query=True)]
