@@ -71,6 +71,12 @@ def test_model_retrained_on_retain_passes(setup):
     assert cert.passed, cert.summary()
     assert cert.failed == []
     assert len(cert.checks) == 11
+    lines = cert.summary().splitlines()
+    assert lines[0] == "certificate: PASS (11/11 checks)" and len(lines) == 12
+    assert all(line.startswith("  ok   ") for line in lines[1:])
+    fail_lines = setup["orig"].summary().splitlines()
+    assert fail_lines[0].startswith("certificate: FAIL")
+    assert sum(line.startswith("  FAIL ") for line in fail_lines) == len(setup["orig"].failed)
     assert cert.metrics["forget_acc"] < 0.05  # never saw class 3
     assert cert.metrics["retain_acc"] > 0.95
     assert cert.config["n_forget"] == len(setup["forget_ids"]) == 124

@@ -366,3 +366,19 @@ def test_cg_preconditioner_must_cover_the_same_parameters(mlp):
         CGInfluence(mlp.model, mlp.task, preconditioner=last)
     with pytest.raises(TypeError, match="fitted InfluenceEstimator"):
         CGInfluence(mlp.model, mlp.task, preconditioner="ekfac")
+
+
+def test_preconditioner_is_passed_again_to_load(tmp_path):
+    from unlearn.influence import EKFACInfluence
+
+    model, task, train, _ = breast_cancer_lr(1e-3)
+    loader = full_batch(train)
+    ekfac = EKFACInfluence(model, task, damping=1e-3, fisher="exact", progress=False).fit(loader)
+    pcg = CGInfluence(model, task, damping=1e-3, preconditioner=ekfac, progress=False).fit(loader)
+    pcg.save(tmp_path / "cg")
+    back = CGInfluence.load(tmp_path / "cg", model, task, train_loader=loader,
+                            preconditioner=ekfac)
+    assert back.preconditioner is ekfac
+    V = torch.randn(3, ekfac.space.numel, dtype=torch.float64)
+    assert rel_err(back.inverse_hvp(V), pcg.inverse_hvp(V)) < 1e-8
+    assert CGInfluence.load(tmp_path / "cg", model, task).preconditioner is None

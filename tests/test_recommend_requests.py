@@ -111,6 +111,10 @@ def test_apply_then_certify(ledger, graph, model, tmp_path):
     assert [t["state"] for t in data["timeline"]] == ["certified", "certified"]
     assert [r.state for r in ledger.list()] == ["certified", "certified"]
     assert RecCertificate.from_json(out).passed == cert.passed
+    lines = cert.summary().splitlines()
+    assert lines[0].startswith("recommendation certificate: " + ("PASS" if cert.passed else "FAIL"))
+    assert [ln.split()[1] for ln in lines[1:5]] == [c.name for c in cert.checks]
+    assert "x" in lines[5] and "retraining" in lines[5]  # the cost line
     # the references were cached: certifying again retrains nothing
     again = certify_recommendation(new, graph, forgotten, references=RetrainRec(CONFIG),
                                    seeds=(0, 1, 2), cache_dir=tmp_path / "refs")

@@ -180,7 +180,8 @@ class CGInfluence(MatrixFreeInfluence):
         preconditioner: a fitted estimator on the same model and parameters (e.g. EK-FAC)
             whose ``inverse_hvp`` approximates ``(C + λI)⁻¹``: preconditioned CG, which
             converges to the same solution in fewer passes over the data when the
-            approximation is good. Its damping need not equal ``damping``.
+            approximation is good. Its damping need not equal ``damping``. It is not part of
+            ``save``; pass it again to ``load``.
 
     After each solve ``last_iterations`` holds the number of iterations (passes over the
     data) and ``last_residuals`` each row's final relative residual.
