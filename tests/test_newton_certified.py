@@ -370,3 +370,22 @@ def test_certified_bad_input(certified_run):
         train_certifiable(DataLoader(retained, batch_size=2048), l2=0.0, noise_std=1.0)
     with pytest.raises(ValueError, match="noise_std"):
         train_certifiable(DataLoader(retained, batch_size=2048), l2=L2, noise_std=-1.0)
+
+
+def test_estimators_without_inverse_curvature_are_refused():
+    from unlearn.influence import GradientDotInfluence
+    from unlearn.removal import IAU
+
+    model, task, train, _ = breast_cancer_lr(0.1)
+    dot = GradientDotInfluence(model, task, progress=False).fit(full_batch(train))
+    with pytest.raises(ValueError, match="no inverse curvature"):
+        NewtonRemoval(task, estimator=dot)
+    with pytest.raises(ValueError, match="no inverse curvature"):
+        IAU(task, estimator=dot)
+    forget, retain = split_loaders(train, [0, 1, 2], batch_size=400)
+    with pytest.raises(ValueError, match="no inverse curvature"):  # a provider is checked too
+        IAU(task, estimator=lambda: dot).unlearn(model, forget=forget, retain=retain)
+    factory = NewtonRemoval(task, curvature="retain", damping=0.1,
+                            estimator_factory=lambda m, t, d: GradientDotInfluence(m, t))
+    with pytest.raises(ValueError, match="no inverse curvature"):
+        factory.unlearn(model, forget=forget, retain=retain)

@@ -196,16 +196,14 @@ def make_method(cfg: ProjectConfig, task: Any) -> Any:
                            f"{cls.__name__} ({err})") from None
 
 
-NEWTON_ESTIMATORS = ("ExactInfluence", "CGInfluence", "LiSSAInfluence", "ArnoldiInfluence",
-                     "KFACInfluence", "EKFACInfluence")
-
-
 def _estimator_factory(name: str) -> Any:
     import unlearn.influence as influence
 
-    # the estimators with an inverse-HVP (TracIn, gradient similarity, SGD- and GAN-influence
-    # have none) and a (model, task, damping) constructor
-    classes = {n.removesuffix("Influence").lower(): n for n in NEWTON_ESTIMATORS}
+    # the estimators whose inverse-HVP approximates (H + λI)⁻¹ (not TracIn, gradient
+    # similarity or SGD-influence)
+    classes = {n.removesuffix("Influence").lower(): n for n in influence.__all__
+               if n.endswith("Influence") and n != "InfluenceEstimator"
+               and getattr(getattr(influence, n), "inverts_curvature", False)}
     if not isinstance(name, str) or name.lower() not in classes:
         raise ProjectError(f"unknown estimator {name!r} for method 'newton'; choose one of "
                            f"{sorted(classes)}")

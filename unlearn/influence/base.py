@@ -54,6 +54,10 @@ class InfluenceEstimator:
 
     #: names of tensors in ``self.factors`` that ``save``/``load`` keep
     name: ClassVar[str] = "base"
+    #: whether ``inverse_hvp`` applies an approximation of ``(H + λI)⁻¹`` (False for the
+    #: first-order and trajectory estimators): what Newton removal and IAU's preconditioned
+    #: step need
+    inverts_curvature: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -302,6 +306,15 @@ class InfluenceEstimator:
                                  f"{tuple(tensors[n].shape)}, the parameter has {tuple(shape)}")
         dtype, device = model_dtype_device(self.model)
         return {n: tensors[n].to(device=device, dtype=dtype) for n in self.space.names}
+
+
+def check_inverts_curvature(estimator: InfluenceEstimator) -> None:
+    """Refuse an estimator whose ``inverse_hvp`` is no inverse curvature (a Newton step or a
+    preconditioned forget step with it would be meaningless)."""
+    if not estimator.inverts_curvature:
+        raise ValueError(
+            f"{type(estimator).__name__} has no inverse curvature (its inverse_hvp is not "
+            "(H + λI)⁻¹); use one of Exact, CG, LiSSA, Arnoldi, K-FAC or EK-FAC")
 
 
 def _check_count(what: str, got: int, expected: int, at_most: bool = False) -> None:

@@ -22,6 +22,7 @@ class GradientDotInfluence(InfluenceEstimator):
     """
 
     name = "gradient_dot"
+    inverts_curvature = False
 
     def _precondition(self, G: Tensor) -> Tensor:
         return G
@@ -41,6 +42,7 @@ class GradientCosineInfluence(InfluenceEstimator):
     """
 
     name = "gradient_cosine"
+    inverts_curvature = False
 
     def _transform(self, G: Tensor) -> Tensor:
         norms = G.norm(dim=1, keepdim=True)

@@ -108,6 +108,7 @@ class SGDInfluence(InfluenceEstimator):
     """
 
     name = "sgd"
+    inverts_curvature = False
 
     def __init__(
         self,

@@ -61,6 +61,7 @@ class TracInInfluence(InfluenceEstimator):
     """
 
     name = "tracin"
+    inverts_curvature = False
 
     def __init__(
         self,

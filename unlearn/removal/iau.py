@@ -68,7 +68,7 @@ from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader
 
 from unlearn.data import iter_batches
-from unlearn.influence.base import InfluenceEstimator
+from unlearn.influence.base import InfluenceEstimator, check_inverts_curvature
 from unlearn.influence.grads import ParamSpace, to_model
 from unlearn.removal.base import RemovalMethod
 from unlearn.tasks import Task
@@ -176,6 +176,8 @@ class IAU(RemovalMethod):
             if not (isinstance(estimator, InfluenceEstimator) or callable(estimator)):
                 raise TypeError(f"estimator must be a fitted InfluenceEstimator or a function "
                                 f"returning one, got {type(estimator)}")
+            if isinstance(estimator, InfluenceEstimator):
+                check_inverts_curvature(estimator)
         if estimator is not None and lr is not None:
             raise ValueError("pass lr= or estimator=, not both: each sets the preconditioner")
         self.estimator = estimator
@@ -359,6 +361,7 @@ class IAU(RemovalMethod):
         if not isinstance(got, InfluenceEstimator):
             raise TypeError(f"the estimator provider returned {type(got).__name__}, not a fitted "
                             "InfluenceEstimator (was the estimator fitted before this removal?)")
+        check_inverts_curvature(got)
         return got
 
     def _space(self, model: nn.Module, est: InfluenceEstimator | None) -> ParamSpace:

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from unlearn.influence.base import InfluenceEstimator
+from unlearn.influence.base import InfluenceEstimator, check_inverts_curvature
 from unlearn.influence.grads import ParamSpace, iter_grads
 from unlearn.removal.base import RemovalMethod
 from unlearn.tasks import Task
@@ -95,6 +95,8 @@ class NewtonRemoval(RemovalMethod):
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         if estimator is not None and not isinstance(estimator, InfluenceEstimator):
             raise TypeError(f"estimator must be an InfluenceEstimator, got {type(estimator)}")
+        if estimator is not None:
+            check_inverts_curvature(estimator)
         if curvature == "full":
             if estimator is None:
                 raise ValueError("curvature='full' needs a fitted estimator; pass estimator=..., "
@@ -139,6 +141,7 @@ class NewtonRemoval(RemovalMethod):
             est = self.estimator_factory(model, self.task, damping)
             if not isinstance(est, InfluenceEstimator):
                 raise TypeError(f"estimator_factory returned {type(est)}, not an estimator")
+            check_inverts_curvature(est)
             assert retain is not None
             est.fit(retain)
             fit_seconds = time.perf_counter() - start
