@@ -35,7 +35,6 @@ from unlearn.influence.grads import (
     space_layers,
     to_model,
 )
-from unlearn.influence.hook_grads import Capture, capture_layer_grads
 
 _GEMM_ELEMENTS = 1 << 23  # [B, d_out·d_in] right-hand sides of one block GEMM
 
@@ -179,7 +178,7 @@ def _layer_ggn(est: ExactInfluence, loader: DataLoader) -> Tensor | None:
     parameter order, assembled from layer hooks; ``None`` where that does not apply
     (a parameter outside Linear / Conv2d layers, a layer called more than once or at
     several positions, an embedding, outputs above ``max_outputs``)."""
-    from unlearn.influence.ekfac import _backward, _hessian_sqrt
+    from unlearn.influence.layer_ggn import layer_ggn_factors
 
     model, task, space = est.model, est.task, est.space
     layers = space_layers(model, space)
@@ -196,29 +195,14 @@ def _layer_ggn(est: ExactInfluence, loader: DataLoader) -> Tensor | None:
         batch = to_model(raw, model)
         check_finite_batch(batch)
         inputs, targets = task.split_batch(batch)
-        # the hooks must describe this model exactly (one call per layer, one position,
-        # the weights used nowhere else): checked against autograd on the plain loss
-        plain = capture_layer_grads(model, task, inputs, targets, layers, clone)
-        if plain is None or any(lg.positions != 1 for lg in plain.values()):
+        f = layer_ggn_factors(model, task, layers, inputs, targets, clone, est.max_outputs)
+        # the Kronecker blocks below need one call per layer at one position
+        if f is None or any(a.shape[1] != 1 for a in f.a):
             return None
-        with Capture(layers, clone) as capture, torch.enable_grad():
-            outputs = capture.forward(lambda inputs=inputs: model(inputs))
-            if any(len(capture.records[layer.name]) != 1 for layer in layers):
-                return None
-            o = outputs.detach().requires_grad_(True)
-            if o[0].numel() > est.max_outputs:
-                return None
-            R = _hessian_sqrt(task, o, targets, est.max_outputs)  # [K, B, m]
-            outs = [capture.records[layer.name][0].output for layer in layers]
-            grads = _backward(outputs, outs, R)
-        a = {layer.name: plain[layer.name].a[:, 0] for layer in layers}
-        g = []
-        for layer, gr, out in zip(layers, grads, outs, strict=True):
-            gr = out.new_zeros(R.shape[0], *out.shape) if gr is None else gr.detach()
-            g.append(layer.output_grads(gr.flatten(0, 1)).reshape(
-                R.shape[0], out.shape[0], layer.d_out))  # [K, B, d_out]
+        a = {layer.name: x[:, 0] for layer, x in zip(layers, f.a, strict=True)}
+        g = f.g  # [B, K, d_out]
         if H is None:
-            H = torch.zeros(P, P, dtype=torch.float64, device=outputs.device)
+            H = torch.zeros(P, P, dtype=torch.float64, device=f.g[0].device)
         for i, li in enumerate(layers):
             for j in range(i, len(layers)):
                 lj = layers[j]
@@ -226,7 +210,7 @@ def _layer_ggn(est: ExactInfluence, loader: DataLoader) -> Tensor | None:
                 _add_kron_block(block.view(li.d_out, li.d_in, lj.d_out, lj.d_in),
                                 g[i], a[li.name], g[j], a[lj.name], same=i == j,
                                 dtype=est.build_dtype)
-        n += outputs.shape[0]
+        n += f.g[0].shape[0]
     if H is None or n == 0:
         return None
     for i, li in enumerate(layers):  # the mirrored halves: lower blocks, lower diagonal rows
@@ -256,7 +240,7 @@ def _add_kron_block(out: Tensor, gi: Tensor, ai: Tensor, gj: Tensor, aj: Tensor,
     GEMMs in another precision (float32: about twice as fast; sums stay float64)."""
     if dtype is not None:
         gi, ai, gj, aj = (t.to(dtype) for t in (gi, ai, gj, aj))
-    C = torch.einsum("kbo,kbp->bop", gi, gj)  # [B, d_out_i, d_out_j]
+    C = torch.einsum("bko,bkp->bop", gi, gj)  # [B, d_out_i, d_out_j]
     B, do_i, do_j = C.shape
     dj = aj.shape[1]
     aiT = ai.T.contiguous()

@@ -262,15 +262,28 @@ def curvature_product(
     Gauss-Newton (``"ggn"``) of the *mean* training loss over ``loader``.
 
     Each call is one pass over the loader; the k vectors are handled together with vmap.
+    The Gauss-Newton products of a model made of Linear / Conv2d layers take the layer path
+    of :mod:`unlearn.influence.layer_ggn` instead (two GEMMs per layer and batch for all k
+    vectors): its per-batch factors are computed on the first call and, while they fit in
+    ``layer_ggn.CACHE_BYTES``, kept for later calls, which then do not read the loader again
+    (the curvature is that of the data as the first call saw it; a change of the weights
+    discards the factors).
     """
     if mode not in ("hessian", "ggn"):
         raise ValueError(f"curvature mode must be 'hessian' or 'ggn', got {mode!r}")
     params = space.params(model)
     n_total = len(loader.dataset)  # type: ignore[arg-type]
+    layered = _LayeredGGN(model, task, space) if mode == "ggn" else None
 
     def product(vectors: Tensor) -> Tensor:
         squeeze = vectors.dim() == 1
         V = vectors.unsqueeze(0) if squeeze else vectors
+        if layered is not None:
+            cached = layered.cached_product(V)
+            if cached is not None:
+                cached /= n_total
+                return cached[0] if squeeze else cached
+            layered.start_pass()
         out = torch.zeros_like(V)
         tangents = space.unflatten(V)
         for raw in loader:
@@ -288,7 +301,12 @@ def curvature_product(
 
                 out += vmap(hvp)(tangents)
             else:
-                out += _ggn_batch(model, task, params, space, inputs, targets, tangents)
+                got = None if layered is None else layered.batch_product(inputs, targets, V)
+                if got is None:
+                    got = _ggn_batch(model, task, params, space, inputs, targets, tangents)
+                out += got
+        if layered is not None:
+            layered.end_pass()
         out /= n_total
         return out[0] if squeeze else out
 
@@ -321,3 +339,76 @@ def _ggn_batch(
         return space.flatten(vjp_fn(hjv)[0])
 
     return vmap(ggn_vp)(tangents)
+
+
+class _LayeredGGN:
+    """Gauss-Newton products over a loader from layer factors, with the factors of every
+    batch kept between passes while they fit in ``CACHE_BYTES`` (see
+    :mod:`unlearn.influence.layer_ggn`)."""
+
+    def __init__(self, model: nn.Module, task: Task, space: ParamSpace) -> None:
+        self.model, self.task, self.space = model, task, space
+        self.layers = space_layers(model, space)
+        self.cache: list[Any] | None = None  # every batch's factors after a complete pass
+        self._pass: list[Any] | None = None
+        self._bytes = 0
+        self._stamp = self._versions()
+
+    def _versions(self) -> tuple[int, ...]:
+        named = dict(self.model.named_parameters())
+        return tuple(named[n]._version for n in self.space.names)
+
+    def _valid(self) -> bool:
+        if self._versions() != self._stamp:  # the weights changed in place: refit factors
+            self.cache, self._stamp = None, self._versions()
+        return self.layers is not None
+
+    def start_pass(self) -> None:
+        self._pass, self._bytes = ([] if self._valid() else None), 0
+
+    def end_pass(self) -> None:
+        from unlearn.influence.layer_ggn import merge_factors
+
+        if self._pass is not None:
+            self.cache = merge_factors(self._pass)
+        self._pass = None
+
+    def cached_product(self, V: Tensor) -> Tensor | None:
+        """``Σ_b G_b V`` from the kept factors, or ``None`` if there are none."""
+        if not self._valid() or self.cache is None:
+            return None
+        out = torch.zeros_like(V)
+        for f in self.cache:
+            out += self._apply(f, V)
+        return out
+
+    def batch_product(self, inputs: Any, targets: Tensor, V: Tensor) -> Tensor | None:
+        """``Σ_b G_b V`` over one batch, or ``None`` where the layer path does not apply."""
+        from unlearn.influence.layer_ggn import CACHE_BYTES, layer_ggn_factors
+
+        if self.layers is None:
+            return None
+        clone = _CLONE.setdefault(self.model, set())
+        f = layer_ggn_factors(self.model, self.task, self.layers, inputs, targets, clone)
+        if f is None:
+            self._pass = None  # this pass is not all layers: keep nothing
+            return None
+        if self._pass is not None:
+            self._bytes += f.nbytes
+            if self._bytes <= CACHE_BYTES:
+                self._pass.append(f)
+            else:
+                self._pass = None
+        return self._apply(f, V)
+
+    def _apply(self, f: Any, V: Tensor) -> Tensor:
+        from unlearn.influence.layer_ggn import layer_ggn_product
+
+        assert self.layers is not None
+        parts = self.space.unflatten(V)
+        mats = [layer.to_matrix(parts) for layer in self.layers]
+        prods = layer_ggn_product(self.layers, f, mats)
+        named: dict[str, Tensor] = {}
+        for layer, p in zip(self.layers, prods, strict=True):
+            named.update(layer.from_matrix(p))
+        return self.space.flatten(named, batch_dims=1)

@@ -1,0 +1,204 @@
+"""Gauss-Newton products from layer factors (:mod:`unlearn.influence.layer_ggn`) against a
+dense Gauss-Newton matrix built from autograd Jacobians, with their cache and fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev
+from torch.utils.data import DataLoader, TensorDataset
+
+from unlearn.influence import (
+    ArnoldiInfluence,
+    CGInfluence,
+    ExactInfluence,
+    LiSSAInfluence,
+    layer_ggn,
+)
+from unlearn.influence import grads as grads_mod
+from unlearn.influence.grads import ParamSpace, curvature_product
+from unlearn.tasks import ClassificationTask, RegressionTask
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1, stride=2)
+        self.fc = nn.Linear(3 * 3 * 3, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
+class Shared(nn.Module):
+    """One Linear applied twice (two calls of the layer per example)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+
+class WithNorm(nn.Module):
+    """A LayerNorm's parameters are outside the supported layers: the torch.func path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.norm = nn.LayerNorm(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.norm(self.fc(x)))
+
+
+def dense_ggn(model: nn.Module, task, x: Tensor, y: Tensor) -> Tensor:
+    """``(1/n) Σ_b J_bᵀ H_b J_b`` from autograd Jacobians, in the flat parameter order."""
+    space = ParamSpace.of(model)
+    params = space.params(model)
+    total = torch.zeros(space.numel, space.numel, dtype=x.dtype)
+    for b in range(x.shape[0]):
+        def out(p, xb=x[b : b + 1]):
+            return functional_call(model, p, (xb,))[0]
+
+        J = space.flatten(jacrev(out)(params), batch_dims=1)  # [m, P]
+        o = out(params).detach()
+        H = torch.autograd.functional.hessian(
+            lambda o, yb=y[b : b + 1]: task.per_sample_loss(o.unsqueeze(0), yb).sum(), o)
+        total += J.T @ H.reshape(o.numel(), o.numel()) @ J
+    return total / x.shape[0]
+
+
+def case(name: str) -> tuple[nn.Module, object, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    n = 24
+    if name == "lr":
+        model, x = nn.Linear(7, 4), torch.randn(n, 7, generator=gen)
+    elif name == "mlp":
+        model = nn.Sequential(nn.Linear(7, 8), nn.ReLU(), nn.Linear(8, 4))
+        x = torch.randn(n, 7, generator=gen)
+    elif name == "mlp-nobias":
+        model = nn.Sequential(nn.Linear(7, 8, bias=False), nn.Tanh(), nn.Linear(8, 4))
+        x = torch.randn(n, 7, generator=gen)
+    elif name == "conv":
+        model, x = ConvNet(), torch.randn(n, 2, 6, 6, generator=gen)
+    elif name == "shared":
+        model, x = Shared(), torch.randn(n, 6, generator=gen)
+    else:
+        model, x = WithNorm(), torch.randn(n, 5, generator=gen)
+    model = model.double()
+    m = model(x.double()).shape[1]
+    y = torch.randint(0, m, (n,), generator=gen)
+    return model, ClassificationTask(), x.double(), y
+
+
+CASES = ["lr", "mlp", "mlp-nobias", "conv", "shared", "norm"]
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("chunked", [False, True], ids=["", "chunked"])
+def test_products_equal_the_dense_gauss_newton_matrix(name, chunked, monkeypatch):
+    if chunked:  # vectors split into chunks of one
+        monkeypatch.setattr(layer_ggn, "_CHUNK_ELEMENTS", 1)
+    model, task, x, y = case(name)
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)  # uneven last batch
+    space = ParamSpace.of(model)
+    V = torch.randn(7, space.numel, dtype=torch.float64, generator=torch.Generator()
+                    .manual_seed(1))
+    want = V @ dense_ggn(model, task, x, y)
+    product = curvature_product(model, task, loader, space, "ggn")
+    first, second = product(V), product(V)  # the second call reads the kept factors
+    scale = float(want.norm())
+    assert float((first - want).norm()) <= 1e-12 * scale
+    assert float((second - want).norm()) <= 1e-12 * scale
+    assert float((product(V[0]) - want[0]).norm()) <= 1e-12 * scale  # one vector, 1-D
+
+
+def test_layer_path_is_taken_and_cached_for_supported_models(monkeypatch):
+    model, task, x, y = case("mlp")
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    space = ParamSpace.of(model)
+    calls = {"func": 0, "factors": 0}
+    real_func, real_factors = grads_mod._ggn_batch, grads_mod._LayeredGGN.batch_product
+
+    def func(*a, **k):
+        calls["func"] += 1
+        return real_func(*a, **k)
+
+    def factors(self, *a, **k):
+        calls["factors"] += 1
+        return real_factors(self, *a, **k)
+
+    monkeypatch.setattr(grads_mod, "_ggn_batch", func)
+    monkeypatch.setattr(grads_mod._LayeredGGN, "batch_product", factors)
+    product = curvature_product(model, task, loader, space, "ggn")
+    V = torch.randn(3, space.numel, dtype=torch.float64)
+    product(V)
+    product(V)
+    assert calls == {"func": 0, "factors": 3}  # three batches, factors computed once
+
+
+def test_norm_layer_falls_back_to_torch_func(monkeypatch):
+    model, task, x, y = case("norm")
+    calls = []
+    real = grads_mod._ggn_batch
+    monkeypatch.setattr(grads_mod, "_ggn_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    space = ParamSpace.of(model)
+    curvature_product(model, task, DataLoader(TensorDataset(x, y), batch_size=12), space,
+                      "ggn")(torch.randn(2, space.numel, dtype=torch.float64))
+    assert len(calls) == 2
+
+
+def test_changed_weights_discard_the_kept_factors():
+    model, task, x, y = case("mlp")
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    space = ParamSpace.of(model)
+    V = torch.randn(2, space.numel, dtype=torch.float64)
+    product = curvature_product(model, task, loader, space, "ggn")
+    before = product(V)
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    want = V @ dense_ggn(model, task, x, y)
+    after = product(V)
+    assert float((after - before).norm()) > 1e-3 * float(before.norm())
+    assert float((after - want).norm()) <= 1e-12 * float(want.norm())
+
+
+def test_regression_outputs_and_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 2))
+    x, y = torch.randn(20, 5), torch.randn(20, 2)
+    task = RegressionTask()
+    space = ParamSpace.of(model)
+    V = torch.randn(4, space.numel)
+    got = curvature_product(model, task, DataLoader(TensorDataset(x, y), batch_size=8), space,
+                            "ggn")(V)
+    want = V.double() @ dense_ggn(model.double(), task, x.double(), y.double())
+    assert float((got.double() - want).norm()) <= 1e-5 * float(want.norm())
+
+
+@pytest.mark.parametrize("est", ["cg", "arnoldi", "lissa"])
+def test_solvers_on_the_layer_path_match_exact(est):
+    model, task, x, y = case("conv")
+    loader = DataLoader(TensorDataset(x, y), batch_size=24)
+    exact = ExactInfluence(model, task, damping=0.1, curvature="ggn", progress=False)
+    exact.fit(loader)
+    G = torch.randn(3, exact.space.numel, dtype=torch.float64)
+    want = exact.inverse_hvp(G)
+    if est == "cg":
+        solver = CGInfluence(model, task, damping=0.1, curvature="ggn", tol=1e-10,
+                             max_iter=500, progress=False)
+    elif est == "lissa":
+        solver = LiSSAInfluence(model, task, damping=0.1, curvature="ggn", tol=1e-10,
+                                depth=20000, progress=False)
+    else:
+        P = exact.space.numel
+        solver = ArnoldiInfluence(model, task, damping=0.1, curvature="ggn", rank=P,
+                                  n_iter=P, progress=False)
+    got = solver.fit(loader).inverse_hvp(G)
+    assert float((got - want).norm()) <= 1e-6 * float(want.norm())
