@@ -155,6 +155,27 @@ def test_mia_efficacy_separates_memorised_from_unseen(digits_mia):
     assert new.efficacy > mem.efficacy + 0.5
     assert new.n_members == 600 and new.n_forget == 200
     assert mem.attack_train_accuracy > 0.6
+    # the soft efficacy is the mean non-member probability, and orders the models the same way
+    attack = PopulationMIA(seed=0).fit(seen, ld["retain"], ld["test"])
+    assert mem.soft_efficacy == pytest.approx(
+        float((1 - attack.member_probability(seen, ld["forget"])).mean()), abs=1e-12)
+    assert 0 <= mem.soft_efficacy < 0.5 < new.soft_efficacy <= 1
+
+
+def test_soft_mia_efficacy_is_stable_where_the_attack_is_at_chance(digits_mia):
+    """Members and non-members drawn from one distribution (retain split in two halves): the
+    attack has no signal, the soft efficacy stays near 1/2 for every attack subsample, and it
+    varies across those fits much less than the hard one."""
+    _, unseen, ld = digits_mia
+    ds = ld["test"].dataset
+    half = len(ds) // 2
+    a = DataLoader(ds.subset(ds.ids[:half]), batch_size=256)
+    b = DataLoader(ds.subset(ds.ids[half:]), batch_size=256)
+    res = [mia_efficacy(unseen, forget=ld["retain"], retain=a, test=b, seed=s) for s in range(6)]
+    soft = np.array([r.soft_efficacy for r in res])
+    hard = np.array([r.efficacy for r in res])
+    assert np.abs(soft - 0.5).max() < 0.1
+    assert soft.std() < hard.std() / 3
 
 
 def test_mia_on_members_and_nonmembers_themselves(digits_mia):

@@ -168,7 +168,10 @@ def test_correction_backtracks_instead_of_diverging(digits):
     result = run(IAU(TASK, retain_lr=50.0), digits)
     lrs = result.details["retain_step_lrs"]
     assert len(lrs) == 5 and all(0 < lr < 50.0 for lr in lrs)
-    assert result.details["retain_halvings"] >= 5 * 6  # 50 -> below 1 takes 6 halvings
+    # 50 -> below 1 takes 6 halvings in the first step; later steps start at twice the
+    # previous accepted size, so each grows by at most 2x and they need far fewer tries
+    assert 6 <= result.details["retain_halvings"] < 5 * 6
+    assert all(b <= 2 * a for a, b in zip(lrs, lrs[1:]))
     assert mean_loss(result.model, digits["retain"]) < mean_loss(after_forget, digits["retain"])
     assert accuracy(result.model, digits["retain"]) > accuracy(model, digits["retain"]) - 0.03
 
@@ -325,6 +328,8 @@ def test_bad_arguments():
         IAU(TASK, max_halvings=-1)
     with pytest.raises(ValueError, match="max_forget_rise"):
         IAU(TASK, max_forget_rise=0.0)
+    with pytest.raises(ValueError, match="guard_batches"):
+        IAU(TASK, guard_batches=0)
     with pytest.raises(TypeError, match="Task"):
         IAU("classification")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="InfluenceEstimator"):

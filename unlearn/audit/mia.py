@@ -8,6 +8,13 @@ It is then applied to the forget set:
 
     MIA efficacy = fraction of forget samples the attack calls NON-member.
 
+``MIAResult.soft_efficacy`` is the mean predicted non-member probability over the forget set
+instead. Where the attack is near chance (a model that generalises well: members and
+non-members give similar outputs) its probabilities all sit near 1/2 and the hard decision
+flips for most of the forget set with tiny shifts of the fitted boundary, so the hard efficacy
+of equally good models ranges widely (on an MNIST LeNet, see docs/results/unlearning.md); the
+soft one stays near 1/2 there and still moves where the attack has signal.
+
 Higher means the forget set looks less like training data. It is not "higher is better"
 without limit: the target is the efficacy of the model retrained without the forget set
 (forgotten samples of a well-generalising class still look like members of it).
@@ -51,6 +58,7 @@ def attack_features(outputs: SampleOutputs, features: Sequence[str] = FEATURES[:
 @dataclass
 class MIAResult:
     efficacy: float  # fraction of forget samples predicted non-member
+    soft_efficacy: float  # mean predicted non-member probability over the forget samples
     attack_train_accuracy: float  # balanced accuracy on the members/non-members it fitted
     n_members: int  # samples per class used to fit (after balancing)
     n_forget: int
@@ -122,6 +130,7 @@ def mia_efficacy(model: nn.Module, *, forget: DataLoader, retain: DataLoader,
     probs = attack.member_probability(model, forget)
     assert attack.train_accuracy_ is not None and attack.n_per_class_ is not None
     return MIAResult(efficacy=float((probs < 0.5).mean()),
+                     soft_efficacy=float((1.0 - probs).mean()),
                      attack_train_accuracy=attack.train_accuracy_,
                      n_members=attack.n_per_class_, n_forget=len(probs))
 
