@@ -206,11 +206,13 @@ def make_method(name: str, kind: str, seed: int, ctx: dict[str, Any],
 
     rec = RECIPES[kind]
     kw = {**tuned_overrides(getattr(args, "tuned", {}), kind, name), **(overrides or {})}
+    if kw and name in ("retrain", "iau_faithful", "newton"):
+        raise ValueError(f"{name} takes no tuned hyper-parameters, got {kw}")
     if name == "retrain":
         return Retrain(TASK, FACTORIES[kind], recipe=rec, seed=seed)
     if name == "iau":
         from unlearn.removal.iau import IAU
-        return IAU(TASK, weight_decay=rec.weight_decay)
+        return IAU(TASK, weight_decay=rec.weight_decay, **kw)
     if name == "iau_faithful":
         from unlearn.removal.iau import IAU
         return IAU(TASK, mode="faithful")
