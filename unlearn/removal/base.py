@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from unlearn.data import IndexedDataset, iter_batches, split_by_ids
-from unlearn.influence.grads import to_model
+from unlearn.influence.grads import ParamSpace, to_model
 from unlearn.tasks import Task
 
 
@@ -142,3 +142,28 @@ def _check_task_matches(task: Task, model: nn.Module, loader: DataLoader) -> Non
     if losses.dim() != 1 or not torch.isfinite(losses).all():
         raise ValueError(f"{type(task).__name__} gave per-sample losses of shape "
                          f"{tuple(losses.shape)} with non-finite values on the forget data")
+
+
+def loss_grad_sum(model: nn.Module, task: Task, loader: DataLoader, space: ParamSpace,
+               what: str, max_batches: int | None = None) -> tuple[Tensor, int]:
+    """``(Σ_i ∇ℓ_i over the loader (flat, in space's order), number of examples)``: one
+    backward pass of the summed loss per batch (no per-sample gradients), in the model's
+    current mode; ``max_batches`` stops early. ``what`` names the data in errors."""
+    named = dict(model.named_parameters())
+    params = [named[n] for n in space.names]
+    total = [torch.zeros_like(p) for p in params]
+    count = 0
+    for k, raw in enumerate(iter_batches(loader)):
+        if max_batches is not None and k >= max_batches:
+            break
+        losses = task.loss(model, to_model(raw, model))
+        count += losses.shape[0]
+        for t, d in zip(total, torch.autograd.grad(losses.sum(), params), strict=True):
+            t += d
+    flat = space.flatten(dict(zip(space.names, total, strict=True)))
+    if count == 0:
+        raise ValueError(f"the {what} loader yielded no examples")
+    if not torch.isfinite(flat).all():
+        raise FloatingPointError(f"the {what} data give a NaN/inf loss gradient; check the {what} "
+                                 "data for NaN/inf values and the model weights")
+    return flat, count

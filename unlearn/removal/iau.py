@@ -71,7 +71,7 @@ from torch.utils.data import DataLoader
 from unlearn.data import iter_batches
 from unlearn.influence.base import InfluenceEstimator, check_inverts_curvature
 from unlearn.influence.grads import ParamSpace, to_model
-from unlearn.removal.base import RemovalMethod
+from unlearn.removal.base import RemovalMethod, loss_grad_sum
 from unlearn.tasks import Task
 
 __all__ = ["IAU"]
@@ -233,7 +233,7 @@ class IAU(RemovalMethod):
         est = self._fitted_estimator()
         space = self._space(model, est)
         theta0 = _flat_params(model, space)
-        forget_sum, n_forget = _loss_grad(model, self.task, forget, space, "forget")
+        forget_sum, n_forget = loss_grad_sum(model, self.task, forget, space, "forget")
         n_retain = _count(retain)
         n = self.n_train if self.n_train is not None else n_forget + n_retain
         if n <= n_forget:
@@ -400,8 +400,8 @@ class IAU(RemovalMethod):
                   retain: DataLoader) -> dict[str, Any]:
         space = ParamSpace.of(model)
         theta0 = _flat_params(model, space)
-        f_sum, n_forget = _loss_grad(model, self.task, forget, space, "forget")
-        r_sum, n_retain = _loss_grad(model, self.task, retain, space, "retain",
+        f_sum, n_forget = loss_grad_sum(model, self.task, forget, space, "forget")
+        r_sum, n_retain = loss_grad_sum(model, self.task, retain, space, "retain",
                                      max_batches=self.retain_batches)
         g = self.retain_weight * r_sum / n_retain - self.forget_weight * f_sum / n_forget
         params = [dict(model.named_parameters())[n] for n in space.names]
@@ -451,29 +451,6 @@ def _add_(model: nn.Module, space: ParamSpace, step: Tensor) -> None:
     with torch.no_grad():
         for name, d in space.unflatten(step).items():
             named[name].add_(d.to(named[name]))
-
-
-def _loss_grad(model: nn.Module, task: Task, loader: DataLoader, space: ParamSpace,
-               what: str, max_batches: int | None = None) -> tuple[Tensor, int]:
-    """``(Σ_i ∇ℓ_i over the loader (flat, in space's order), number of examples)``."""
-    named = dict(model.named_parameters())
-    params = [named[n] for n in space.names]
-    total = [torch.zeros_like(p) for p in params]
-    count = 0
-    for k, raw in enumerate(iter_batches(loader)):
-        if max_batches is not None and k >= max_batches:
-            break
-        losses = task.loss(model, to_model(raw, model))
-        count += losses.shape[0]
-        for t, d in zip(total, torch.autograd.grad(losses.sum(), params), strict=True):
-            t += d
-    flat = space.flatten(dict(zip(space.names, total, strict=True)))
-    if count == 0:
-        raise ValueError(f"the {what} loader yielded no examples")
-    if not torch.isfinite(flat).all():
-        raise FloatingPointError(f"the {what} data give a NaN/inf loss gradient; check the {what} "
-                                 "data for NaN/inf values and the model weights")
-    return flat, count
 
 
 def _ggn_rayleigh(model: nn.Module, task: Task, raws: list[Any], space: ParamSpace,

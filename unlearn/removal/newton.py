@@ -42,8 +42,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from unlearn.influence.base import InfluenceEstimator, check_inverts_curvature
-from unlearn.influence.grads import ParamSpace, iter_grads
-from unlearn.removal.base import RemovalMethod
+from unlearn.influence.grads import ParamSpace
+from unlearn.removal.base import RemovalMethod, loss_grad_sum
 from unlearn.tasks import Task
 
 __all__ = ["NewtonRemoval", "EstimatorFactory"]
@@ -146,7 +146,8 @@ class NewtonRemoval(RemovalMethod):
             est.fit(retain)
             fit_seconds = time.perf_counter() - start
         space = est.space
-        grad_sum = _gradient_sum(model, self.task, forget, space)
+        model.eval()  # like the estimator's gradients: dropout off, batch-norm statistics
+        grad_sum, _ = loss_grad_sum(model, self.task, forget, space, "forget")
         if self.target == "retrain":
             theta = space.flatten(space.params(model)).to(grad_sum.dtype)
             rhs, scale = grad_sum + n_forget * self.l2 * theta, 1.0 / n_retain
@@ -196,18 +197,6 @@ def _same_as(estimator: InfluenceEstimator | None) -> EstimatorFactory:
         return type(estimator)(model, task, progress=estimator.progress, **config)
 
     return factory
-
-
-def _gradient_sum(model: nn.Module, task: Task, loader: DataLoader,
-                  space: ParamSpace) -> Tensor:
-    """``Σ ∇ℓ(z)`` over the loader, in ``space``'s flat order (streamed per batch)."""
-    total: Tensor | None = None
-    for G in iter_grads(model, task, loader, space):
-        part = G.detach().sum(dim=0)
-        total = part if total is None else total + part
-    if total is None:
-        raise ValueError("the forget loader yielded no batches")
-    return total
 
 
 def _relative_distance(space: ParamSpace, model: nn.Module, reference: nn.Module) -> float:
