@@ -202,3 +202,28 @@ def test_solvers_on_the_layer_path_match_exact(est):
                                   n_iter=P, progress=False)
     got = solver.fit(loader).inverse_hvp(G)
     assert float((got - want).norm()) <= 1e-6 * float(want.norm())
+
+
+# ------------------------------------------------------------ Exact: inputs that are always 0
+@pytest.mark.parametrize("cache", [True, False], ids=["held", "streamed"])
+def test_exact_with_always_zero_inputs_equals_the_dense_solve(cache, monkeypatch, tmp_path):
+    if not cache:  # too little room to hold the batches: every input column is built
+        monkeypatch.setattr(layer_ggn, "CACHE_BYTES", 0)
+    model, task, x, y = case("mlp")
+    x[:, [1, 4]] = 0.0  # two inputs zero in every training example
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    lam = 1e-2
+    est = ExactInfluence(model, task, lam, curvature="ggn", progress=False).fit(loader)
+    assert est.build == "layers" and est.solver == "cholesky"
+    H = dense_ggn(model, task, x, y)
+    assert float((est.factors["curvature"] - H).abs().max()) <= 1e-12 * float(H.abs().max())
+    zero_rows = int((H == 0).all(dim=1).sum())
+    assert zero_rows == 2 * 8  # the weights of inputs 1 and 4 into the 8 hidden units
+    if cache:  # built and factorised without those rows
+        assert est._rows is not None and len(est._rows) == est.space.numel - zero_rows
+    V = torch.randn(4, est.space.numel, dtype=torch.float64)  # non-zero on those weights too
+    truth = torch.linalg.solve(H + lam * torch.eye(H.shape[0], dtype=torch.float64), V.T).T
+    torch.testing.assert_close(est.inverse_hvp(V), truth, rtol=1e-9, atol=1e-12)
+    est.save(tmp_path / "e")
+    back = ExactInfluence.load(tmp_path / "e", model, task)
+    torch.testing.assert_close(back.inverse_hvp(V), truth, rtol=1e-9, atol=1e-12)

@@ -291,8 +291,18 @@ class InfluenceEstimator:
             query=True,
             progress=lambda it: self._bar(it, "queries", len(query_loader)),
         )
+        # query batches are preconditioned together up to _QUERY_GROUP_ELEMENTS: solvers
+        # with many right-hand sides at once (Exact's triangular solves) run faster
+        pending: list[Tensor] = []
+        held = 0
         for G in grads:
-            store.add(self._precondition(self._transform(G)))
+            pending.append(self._transform(G))
+            held += pending[-1].numel()
+            if held >= _QUERY_GROUP_ELEMENTS:
+                store.add(self._precondition(torch.cat(pending)))
+                pending, held = [], 0
+        if pending:
+            store.add(self._precondition(torch.cat(pending)))
         return store
 
     def _check_param_dict(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -333,6 +343,10 @@ def _check_finite_weights(model: nn.Module, space: ParamSpace) -> None:
     for n, p in space.params(model).items():
         if not torch.isfinite(p).all():
             raise ValueError(f"model parameter {n!r} contains NaN or inf")
+
+
+#: query gradients (entries) preconditioned in one call
+_QUERY_GROUP_ELEMENTS = 1 << 22
 
 
 class _QueryStore:

@@ -114,7 +114,8 @@ class ExactInfluence(InfluenceEstimator):
                                        total=-(-P // self.block_size))]
             H = torch.cat(cols).detach().double()
         H = self._reduce_curvature(H, len(train_loader.dataset))  # type: ignore[arg-type]
-        H = 0.5 * (H + H.T)
+        if self.build == "products":  # the layer build is symmetric by construction
+            H = 0.5 * (H + H.T)
         self.factors = {"curvature": H.to(dtype)}
         self._after_load()
 
@@ -148,20 +149,46 @@ class ExactInfluence(InfluenceEstimator):
             return evals.to(dtype), evecs.to(dtype)
 
         self.factors = _Factors(f, eigen)
+        self._rows: Tensor | None = None
         if self.damping > 0 and not self.clip_negative:
             A = H.double()
-            A = A + self.damping * torch.eye(P, dtype=A.dtype, device=A.device)
+            # an all-zero row and column (a weight whose input is always zero) decouples:
+            # there (H + λI)⁻¹ is 1/λ; factorise the rest only. Only rows with a zero
+            # diagonal can be all zero.
+            cand = (A.diagonal() == 0).nonzero().squeeze(1)
+            zero = cand[(A[cand] == 0).all(dim=1)]
+            if len(zero):
+                keep = torch.ones(P, dtype=torch.bool, device=A.device)
+                keep[zero] = False
+                rows = keep.nonzero().squeeze(1)
+                A = A[rows.unsqueeze(1), rows]
+            else:
+                A = A.clone()
+            A.diagonal().add_(self.damping)
             L, info = torch.linalg.cholesky_ex(A)
             if int(info) == 0 and bool(torch.isfinite(L).all()):
                 self._chol, self.solver = L, "cholesky"
+                self._rows = rows if len(zero) else None
                 return
         self.solver = "eigh"
         self.factors["eigenvalues"]  # noqa: B018 -- decompose now, not on the first query
 
+    def _chol_solve(self, G: Tensor) -> Tensor:
+        """Rows of ``G`` times ``(L Lᵀ)⁻¹``: two triangular solves (faster on this CPU than
+        ``cholesky_solve``, which copies into column-major order first)."""
+        L = self._chol
+        assert L is not None
+        Y = torch.linalg.solve_triangular(L, G.T, upper=False)
+        return torch.linalg.solve_triangular(L.T, Y, upper=True).T
+
     def _precondition(self, G: Tensor) -> Tensor:
         if self._chol is not None:
-            X = torch.cholesky_solve(G.double().T, self._chol)
-            return X.T.to(G.dtype)
+            if self._rows is None:
+                return self._chol_solve(G.double()).to(G.dtype)
+            Gd = G.double()
+            X = Gd / self.damping
+            X[:, self._rows] = self._chol_solve(Gd[:, self._rows])
+            return X.to(G.dtype)
         evals = self.factors["eigenvalues"]
         if self.clip_negative:
             evals = evals.clamp_min(0)
@@ -177,19 +204,22 @@ def _layer_ggn(est: ExactInfluence, loader: DataLoader) -> Tensor | None:
     """The Gauss-Newton matrix (sum over ``loader``, divided by its size) in the flat
     parameter order, assembled from layer hooks; ``None`` where that does not apply
     (a parameter outside Linear / Conv2d layers, a layer called more than once or at
-    several positions, an embedding, outputs above ``max_outputs``)."""
-    from unlearn.influence.layer_ggn import layer_ggn_factors
+    several positions, an embedding, outputs above ``max_outputs``).
+
+    While the batches' factors fit in ``layer_ggn.CACHE_BYTES`` they are all kept and the
+    matrix is built once from them, for the layer inputs that are non-zero in some example
+    only: a weight whose input is zero for every training example (a border pixel of MNIST)
+    has an all-zero row and column, which are left zero without computing them."""
+    from unlearn.influence.layer_ggn import CACHE_BYTES, layer_ggn_factors, merge_factors
 
     model, task, space = est.model, est.task, est.space
     layers = space_layers(model, space)
     if layers is None or any(layer.diagonal_a for layer in layers):
         return None
     clone = _CLONE.setdefault(model, set())
-    sizes = [layer.d_out * layer.d_in for layer in layers]
-    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    P = sum(sizes)
-    H: Tensor | None = None
-    n = 0
+    build = _KronBuild(layers, est.build_dtype)
+    pending: list[Any] | None = []  # every batch's factors, while they fit
+    held, n = 0, 0
     total = len(loader) if hasattr(loader, "__len__") else None
     for raw in est._bar(iter(loader), "curvature (layers)", total):
         batch = to_model(raw, model)
@@ -199,37 +229,86 @@ def _layer_ggn(est: ExactInfluence, loader: DataLoader) -> Tensor | None:
         # the Kronecker blocks below need one call per layer at one position
         if f is None or any(a.shape[1] != 1 for a in f.a):
             return None
-        a = {layer.name: x[:, 0] for layer, x in zip(layers, f.a, strict=True)}
-        g = f.g  # [B, K, d_out]
-        if H is None:
-            H = torch.zeros(P, P, dtype=torch.float64, device=f.g[0].device)
+        n += f.g[0].shape[0]
+        if pending is not None:
+            pending.append(f)
+            held += f.nbytes
+            if held <= CACHE_BYTES:
+                continue
+            for p in pending:  # too much to hold: stream, with every input column
+                build.add(p, None)
+            pending = None
+        else:
+            build.add(f, None)
+    if pending:
+        (f,) = merge_factors(pending)  # one batch: fewer, larger GEMMs
+        build.add(f, [(a[:, 0] != 0).any(dim=0) for a in f.a])
+    if build.H is None or n == 0:
+        return None
+    return build.finish(space, n)
+
+
+class _KronBuild:
+    """Upper Kronecker blocks ``Σ_b (Σ_k g_bk g_bkᵀ) ⊗ a_b a_bᵀ`` of the layer-wise
+    Gauss-Newton sum, over the kept input columns of each layer (all, or the non-zero ones,
+    fixed by the first ``add``)."""
+
+    def __init__(self, layers: list[Any], dtype: torch.dtype | None) -> None:
+        self.layers, self.dtype = layers, dtype
+        self.H: Tensor | None = None
+        self.cols: list[Tensor] = []  # kept input columns per layer
+
+    def add(self, f: Any, keep: list[Tensor] | None) -> None:
+        layers = self.layers
+        if self.H is None:
+            self.cols = [torch.arange(layer.d_in, device=a.device) if keep is None
+                         else k.nonzero().squeeze(1)
+                         for layer, a, k in zip(layers, f.a, keep or [None] * len(layers),
+                                                strict=True)]
+            size = sum(layer.d_out * len(c) for layer, c in zip(layers, self.cols, strict=True))
+            self.H = torch.zeros(size, size, dtype=torch.float64, device=f.g[0].device)
+        a = [x[:, 0, c] for x, c in zip(f.a, self.cols, strict=True)]
+        din = [len(c) for c in self.cols]
+        sizes = [layer.d_out * d for layer, d in zip(layers, din, strict=True)]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         for i, li in enumerate(layers):
             for j in range(i, len(layers)):
-                lj = layers[j]
-                block = H[offsets[i] : offsets[i] + sizes[i], offsets[j] : offsets[j] + sizes[j]]
-                _add_kron_block(block.view(li.d_out, li.d_in, lj.d_out, lj.d_in),
-                                g[i], a[li.name], g[j], a[lj.name], same=i == j,
-                                dtype=est.build_dtype)
-        n += f.g[0].shape[0]
-    if H is None or n == 0:
-        return None
-    for i, li in enumerate(layers):  # the mirrored halves: lower blocks, lower diagonal rows
-        rows = slice(offsets[i], offsets[i] + sizes[i])
-        diag = H[rows, rows].view(li.d_out, li.d_in, li.d_out, li.d_in)
-        for o in range(li.d_out):
-            for o2 in range(o + 1, li.d_out):
-                diag[o2, :, o, :] = diag[o, :, o2, :].T
-        for j in range(i + 1, len(layers)):
-            cols = slice(offsets[j], offsets[j] + sizes[j])
-            H[cols, rows] = H[rows, cols].T
-    H /= n
-    # matrix coordinates (layer, row o, column i of [W | b]) -> flat parameter positions
-    flat = torch.arange(P, device=H.device).unsqueeze(0).to(torch.float64)
-    parts = space.unflatten(flat)
-    pos = torch.cat([layer.to_matrix(parts)[0].reshape(-1) for layer in layers]).long()
-    inv = torch.empty_like(pos)
-    inv[pos] = torch.arange(P, device=pos.device)
-    return H[inv][:, inv]
+                block = self.H[offsets[i] : offsets[i] + sizes[i],
+                               offsets[j] : offsets[j] + sizes[j]]
+                _add_kron_block(block.view(li.d_out, din[i], layers[j].d_out, din[j]),
+                                f.g[i], a[i], f.g[j], a[j], same=i == j, dtype=self.dtype)
+
+    def finish(self, space: Any, n: int) -> Tensor:
+        """Mirror the lower halves, divide by ``n`` and place the kept rows and columns in
+        the flat parameter order (the others stay zero)."""
+        H, layers = self.H, self.layers
+        assert H is not None
+        din = [len(c) for c in self.cols]
+        sizes = [layer.d_out * d for layer, d in zip(layers, din, strict=True)]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        for i, li in enumerate(layers):  # lower blocks, lower diagonal rows
+            rows = slice(offsets[i], offsets[i] + sizes[i])
+            diag = H[rows, rows].view(li.d_out, din[i], li.d_out, din[i])
+            for o in range(li.d_out):
+                for o2 in range(o + 1, li.d_out):
+                    diag[o2, :, o, :] = diag[o, :, o2, :].T
+            for j in range(i + 1, len(layers)):
+                cols = slice(offsets[j], offsets[j] + sizes[j])
+                H[cols, rows] = H[rows, cols].T
+        H /= n
+        # kept matrix coordinates (layer, row o, kept column i of [W | b]) -> flat positions
+        P = space.numel
+        flat = torch.arange(P, device=H.device).unsqueeze(0).to(torch.float64)
+        parts = space.unflatten(flat)
+        pos = torch.cat([layer.to_matrix(parts)[0][:, c].reshape(-1)
+                         for layer, c in zip(layers, self.cols, strict=True)]).long()
+        if len(pos) == P:
+            inv = torch.empty_like(pos)
+            inv[pos] = torch.arange(P, device=pos.device)
+            return H[inv.unsqueeze(1), inv]
+        out = torch.zeros(P, P, dtype=H.dtype, device=H.device)
+        out[pos.unsqueeze(1), pos.unsqueeze(0)] = H
+        return out
 
 
 def _add_kron_block(out: Tensor, gi: Tensor, ai: Tensor, gj: Tensor, aj: Tensor, same: bool,
