@@ -64,6 +64,11 @@ class Method:
     note: str = ""
 
 
+#: methods that take minutes per run: repeated only ``--slow-reps`` times
+SLOW = {"dattri explicit", "dattri CG 100 it", "dattri LiSSA", "dattri TracIn",
+        "ours TracIn", "ours CG (GGN) 100 it", "ours CG (GGN) 100 it, EK-FAC preconditioned"}
+
+
 def methods(model: str, damping: float, iq: int, skip_slow: bool) -> list[Method]:
     """Every method for one model, ours and peers interleaved by family."""
     d, ggn = damping, {"damping": damping, "curvature": "ggn"}
@@ -254,6 +259,8 @@ def part_model(name: str, a: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, list[dict]] = {m.label: [] for m in todo}
     for rep in range(a.reps):
         for m in todo:
+            if rep >= a.slow_reps and m.label in SLOW:
+                continue
             spec = {"problem": name, "n_train": 5000, "threads": a.threads,
                     "queries": m.queries, "method": asdict(m)}
             r = spawn(spec, a.timeout)
@@ -283,6 +290,7 @@ def part_model(name: str, a: argparse.Namespace) -> dict[str, Any]:
                      "lds": ok[0].get("lds") if ok else None,
                      "n_queries": ok[0].get("n_queries") if ok else None})
     return {"setup": {"model": name, "damping": prob.damping, "reps": a.reps,
+                      "slow_reps": min(a.slow_reps, a.reps),
                       "threads": a.threads, "lds": prob.lds_note,
                       "iterative_queries": a.iterative_queries}, "rows": rows}
 
@@ -432,7 +440,8 @@ def md_model(res: dict, title: str) -> list[str]:
     s = res["setup"]
     lines = [f"## {title}", ""] + header(res) + [
         f"Damping λ = {s['damping']} for every method (kronfluence `damping_factor` = λ; dattri "
-        f"`regularization`/`damping` = λ on the mean loss). {s['reps']} repetition(s), "
+        f"`regularization`/`damping` = λ on the mean loss). {s['reps']} repetition(s)"
+        f"{_slow_note(s)}, "
         f"{s['threads']} torch thread(s) per process; each method in a fresh process. Times: "
         "median (min–max). Peak RSS: the worker process's `ru_maxrss` (includes Python, torch "
         "and the data: the baseline before the method ran is in the last column). LDS target: "
@@ -461,6 +470,14 @@ def md_model(res: dict, title: str) -> list[str]:
                   "skipped by `--skip-slow`, used on the shared machine because a full run "
                   "takes several minutes each).", ""]
     return lines + [""] + md_targets(res)
+
+
+def _slow_note(setup: dict) -> str:
+    slow = setup.get("slow_reps", setup["reps"])
+    if slow >= setup["reps"]:
+        return ""
+    return (f" ({slow} for the slow methods: {', '.join(sorted(SLOW))}; each row's runs are "
+            "its own)")
 
 
 def _row(res: dict, label: str) -> dict | None:
@@ -681,6 +698,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(f"--{part}", action="store_true")
     p.add_argument("--report", action="store_true", help="only rebuild the markdown")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--slow-reps", type=int, default=1,
+                   help="repetitions of the slow methods (dattri explicit / CG / LiSSA, TracIn, "
+                        "CG); at most --reps")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per method run")
     p.add_argument("--iterative-queries", type=int, default=50,
@@ -700,8 +720,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.real_sizes = [int(v) for v in a.real_sizes.split(",") if v]
     a.speedup_models = [v for v in a.speedup_models.split(",") if v]
     a.synthetic_sizes = [int(v) for v in a.synthetic_sizes.split(",") if v]
-    if a.reps < 1 or a.threads < 1 or a.iterative_queries < 1:
-        p.error("--reps, --threads and --iterative-queries must be >= 1")
+    if a.reps < 1 or a.threads < 1 or a.iterative_queries < 1 or a.slow_reps < 1:
+        p.error("--reps, --slow-reps, --threads and --iterative-queries must be >= 1")
     return a
 
 

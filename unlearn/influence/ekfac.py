@@ -499,6 +499,10 @@ def _backward(outputs: Tensor, targets: list[Tensor], R: Tensor) -> list[Tensor 
     """Gradients ``[K, *t.shape]`` at each tensor of ``targets`` for the K output gradients
     ``R``: one vmapped backward pass, or K plain ones where an op has no batching rule."""
     with torch.enable_grad():
+        if R.shape[0] == 1:  # one direction: the backward pass of a scalar (passing
+            # grad_outputs imports torch.fx's symbolic shapes and sympy: ~0.4 s, ~60 MB)
+            return [None if t is None else t.unsqueeze(0) for t in torch.autograd.grad(
+                (outputs * R[0]).sum(), targets, retain_graph=True, allow_unused=True)]
         try:
             return list(torch.autograd.grad(outputs, targets, grad_outputs=R,
                                             retain_graph=True, allow_unused=True,
