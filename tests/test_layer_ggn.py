@@ -17,7 +17,7 @@ from unlearn.influence import (
     layer_ggn,
 )
 from unlearn.influence import grads as grads_mod
-from unlearn.influence.grads import ParamSpace, curvature_product
+from unlearn.influence.grads import ParamSpace, curvature_product, iter_grads
 from unlearn.tasks import ClassificationTask, RegressionTask
 
 
@@ -227,3 +227,18 @@ def test_exact_with_always_zero_inputs_equals_the_dense_solve(cache, monkeypatch
     est.save(tmp_path / "e")
     back = ExactInfluence.load(tmp_path / "e", model, task)
     torch.testing.assert_close(back.inverse_hvp(V), truth, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("complement", ["ignore", "damping"])
+def test_arnoldi_scores_in_the_kept_coordinates_equal_the_dense_formula(complement):
+    model, task, x, y = case("mlp")
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    est = ArnoldiInfluence(model, task, damping=0.05, curvature="ggn", rank=6,
+                           complement=complement, progress=False).fit(loader)
+    assert est._projects() == (complement == "ignore")
+    G = torch.cat(list(iter_grads(model, task, loader, est.space)))
+    want = est.inverse_hvp(G) @ G.T / len(x)  # the [P]-space inverse, scored densely
+    S = est.scores(loader, loader)
+    torch.testing.assert_close(S, want, rtol=1e-10, atol=1e-12)
+    self_inf = (est.inverse_hvp(G) * G).sum(1) / len(x)
+    torch.testing.assert_close(est.self_influence(loader), self_inf, rtol=1e-10, atol=1e-12)

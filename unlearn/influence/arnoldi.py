@@ -159,9 +159,18 @@ class ArnoldiInfluence(InfluenceEstimator):
             self.factors["residuals"] = torch.full_like(self.factors["eigenvalues"], float("nan"))
 
     # ----------------------------------------------------------------- solving
-    def _precondition(self, G: Tensor) -> Tensor:
-        U = self.factors["eigenvectors"].to(G.dtype)
-        sigma = self.factors["eigenvalues"].to(G.dtype)
+    def _projects(self) -> bool:
+        """Score in the r kept coordinates ``Uᵀg`` (the complement is dropped, and r < P):
+        ``gᵢᵀ U D Uᵀ g_q`` needs r, not P, products per score."""
+        return (self.complement == "ignore" and self.query_rank is None
+                and self.factors["eigenvectors"].shape[1] < self.space.numel)
+
+    def _transform(self, G: Tensor) -> Tensor:
+        # scoring and self-influence only (inverse_hvp takes vectors of P entries)
+        return G @ self.factors["eigenvectors"].to(G.dtype) if self._projects() else G
+
+    def _denominator(self, dtype: torch.dtype) -> Tensor:
+        sigma = self.factors["eigenvalues"].to(dtype)
         if self.clip_negative:
             sigma = sigma.clamp_min(0)
         denom = sigma + self.damping
@@ -169,6 +178,13 @@ class ArnoldiInfluence(InfluenceEstimator):
             raise FloatingPointError(
                 "an eigenvalue plus damping is zero, so C + λI is singular on the kept "
                 "subspace; increase damping or use clip_negative=True")
+        return denom
+
+    def _precondition(self, G: Tensor) -> Tensor:
+        denom = self._denominator(G.dtype)
+        if G.shape[1] != self.space.numel:  # already projected by _transform
+            return G / denom
+        U = self.factors["eigenvectors"].to(G.dtype)
         coeffs = G @ U  # [k, r]
         out = (coeffs / denom) @ U.T
         if self.complement == "damping":
