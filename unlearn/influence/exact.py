@@ -166,7 +166,8 @@ class ExactInfluence(InfluenceEstimator):
                 A = A.clone()
             A.diagonal().add_(self.damping)
             L, info = torch.linalg.cholesky_ex(A)
-            if int(info) == 0 and bool(torch.isfinite(L).all()):
+            # a NaN or inf anywhere in L reaches the diagonal entries of its row
+            if int(info) == 0 and bool(torch.isfinite(L.diagonal()).all()):
                 self._chol, self.solver = L, "cholesky"
                 self._rows = rows if len(zero) else None
                 return
