@@ -242,3 +242,27 @@ def test_arnoldi_scores_in_the_kept_coordinates_equal_the_dense_formula(compleme
     torch.testing.assert_close(S, want, rtol=1e-10, atol=1e-12)
     self_inf = (est.inverse_hvp(G) * G).sum(1) / len(x)
     torch.testing.assert_close(est.self_influence(loader), self_inf, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------- K-FAC / EK-FAC: input directions never reached
+@pytest.mark.parametrize("corrected", [False, True], ids=["kfac", "ekfac"])
+def test_eigen_scores_without_unreached_input_directions_equal_the_dense_path(corrected):
+    from unlearn.influence import EKFACInfluence, InfluenceEstimator, KFACInfluence
+
+    model, task, x, y = case("mlp")
+    x[:, [0, 5]] = 0.0  # inputs no training example reaches
+    train = DataLoader(TensorDataset(x, y), batch_size=10)
+    gen = torch.Generator().manual_seed(3)
+    xq = torch.randn(9, 7, dtype=torch.float64, generator=gen)  # queries do use them
+    queries = DataLoader(TensorDataset(xq, torch.randint(0, 4, (9,), generator=gen)),
+                         batch_size=4)
+    cls = EKFACInfluence if corrected else KFACInfluence
+    est = cls(model, task, 1e-2, progress=False).fit(train)
+    bases = est._bases(torch.float64)
+    assert bases[0].qa.shape[1] == 8 - 2  # two of the first layer's 8 input directions
+    S = est.scores(queries, train)
+    dense = InfluenceEstimator.scores(est, queries, train)  # (H + λI)⁻¹ on full gradients
+    torch.testing.assert_close(S, dense, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(est.self_influence(train),
+                               InfluenceEstimator.self_influence(est, train),
+                               rtol=1e-10, atol=1e-13)

@@ -349,6 +349,16 @@ class KFACInfluence(InfluenceEstimator):
                     f"layer {layer.name!r}: the curvature has zero eigenvalues and damping=0, "
                     "so (H + λI) is singular; use damping > 0")
             qa = None if layer.diagonal_a else self.factors[_key(layer, "qa")].to(dtype)
+            ea = self.factors.get(_key(layer, "ea"))
+            if qa is not None and ea is not None:
+                # input directions no training example reaches (eigenvalue 0 of the
+                # activation covariance: an MNIST border pixel) add nothing to any score:
+                # every training gradient is zero there, so they are left out of the GEMMs.
+                # Zero means zero to float64 rounding (the eigendecomposition runs in
+                # float64), whatever the model's dtype: rare but real inputs stay.
+                keep = ea.double() > _rank_tol(ea.double())
+                if not bool(keep.all()):
+                    qa, lam = qa[:, keep], lam[:, keep]
             out.append(EigenBasis(layer, self.factors[_key(layer, "qg")].to(dtype), qa,
                                   lam + self.damping))
         return out
