@@ -162,15 +162,15 @@ def test_absurd_forget_step_is_halved_instead_of_collapsing_the_model(digits):
 
 def test_correction_backtracks_instead_of_diverging(digits):
     """retain_lr=50 is far past 2/curvature: fixed-step SGD diverges (the failure measured on an
-    Adam-trained LeNet at lr 0.2); each step is halved until the Armijo test passes."""
+    Adam-trained LeNet at lr 0.2); each step is shortened until the Armijo test passes."""
     model = digits["model"]
     after_forget = run(IAU(TASK, retain_lr=50.0, retain_steps=0), digits).model
     result = run(IAU(TASK, retain_lr=50.0), digits)
     lrs = result.details["retain_step_lrs"]
     assert len(lrs) == 5 and all(0 < lr < 50.0 for lr in lrs)
-    # 50 -> below 1 takes 6 halvings in the first step; later steps start at twice the
-    # previous accepted size, so each grows by at most 2x and they need far fewer tries
-    assert 6 <= result.details["retain_halvings"] < 5 * 6
+    # 50 -> below 1 takes at least 2 shortenings (each cuts by 2x to 10x) in the first step;
+    # later steps start at twice the previous accepted size, so each grows by at most 2x
+    assert 2 <= result.details["retain_halvings"] < 5 * 6
     assert all(b <= 2 * a for a, b in zip(lrs, lrs[1:]))
     assert mean_loss(result.model, digits["retain"]) < mean_loss(after_forget, digits["retain"])
     assert accuracy(result.model, digits["retain"]) > accuracy(model, digits["retain"]) - 0.03
@@ -193,7 +193,23 @@ def test_correction_backtracks_instead_of_diverging(digits):
 
     sq = float(g @ g)
     assert loss_after(lr) <= loss - 0.5 * lr * sq + 1e-6  # accepted: Armijo, c = 0.5
-    assert loss_after(2 * lr) > loss - 0.5 * 2 * lr * sq  # the step before it failed
+    assert loss_after(2 * lr) > loss - 0.5 * 2 * lr * sq  # twice as long fails it
+
+
+def test_backtrack_interpolates_a_quadratic():
+    """On an exact quadratic f(a) = f0 − sq·a + c·a² the next try is 0.9 times its minimiser
+    (which passes the c = 1/2 Armijo test), unless that leaves [lr/10, lr/2]."""
+    from unlearn.removal.iau import _backtrack
+
+    f0, sq, c = 2.0, 4.0, 50.0
+    f = lambda a: f0 - sq * a + c * a * a  # noqa: E731
+    lr = 0.3  # minimiser sq / 2c = 0.04, within [0.03, 0.15]
+    nxt = _backtrack(lr, f(lr), f0, sq)
+    assert nxt == pytest.approx(0.9 * sq / (2 * c))
+    assert f(nxt) <= f0 - 0.5 * nxt * sq
+    assert _backtrack(10.0, f(10.0), f0, sq) == pytest.approx(1.0)  # clamped at lr/10
+    assert _backtrack(0.1, 1.85, f0, sq) == pytest.approx(0.05)  # clamped at lr/2
+    assert _backtrack(0.1, float("inf"), f0, sq) == pytest.approx(0.05)
 
 
 def test_default_keeps_the_fixed_steps_where_they_are_safe(digits):
