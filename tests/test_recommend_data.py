@@ -119,6 +119,32 @@ def test_split_is_deterministic_per_user_and_keeps_a_training_interaction():
         assert len(a.user_interaction_ids(u)) == n - n_test
 
 
+def test_validation_split_holds_out_training_interactions_per_user():
+    g = community_graph(per_user=12)
+    val = g.validation_split(0.25, seed=1)
+    assert torch.equal(val.validation_split(0.25, seed=1).test_ids,
+                       val.validation_split(0.25, seed=1).test_ids)
+    assert torch.equal(val.test_ids, g.validation_split(0.25, seed=1).test_ids)
+    assert not torch.equal(val.test_ids, g.validation_split(0.25, seed=2).test_ids)
+    # validation ids come from the training graph only; the test split is in neither part
+    assert bool(torch.isin(val.test_ids, g.train_ids).all())
+    assert not bool(torch.isin(val.test_ids, g.test_ids).any())
+    assert not bool(torch.isin(val.train_ids, g.test_ids).any())
+    assert torch.equal(torch.sort(torch.cat([val.train_ids, val.test_ids])).values, g.train_ids)
+    for u in range(g.n_users):
+        n = len(g.user_interaction_ids(u))
+        held = int((g.interactions[val.test_ids, 0] == u).sum())
+        assert held == min(round(0.25 * n), n - 1) and len(val.user_interaction_ids(u)) >= 1
+    # never-seen pairs of the validation graph still avoid the real test interactions
+    never = never_seen_pairs(val, 100, seed=0)
+    keys = never[:, 0] * g.n_items + never[:, 1]
+    test_keys = g.test_pairs()[:, 0] * g.n_items + g.test_pairs()[:, 1]
+    assert not bool(torch.isin(keys, test_keys).any())
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="fraction"):
+            g.validation_split(bad)
+
+
 def test_edge_index_follows_the_conventions():
     g = community_graph()
     ei = g.edge_index()
@@ -275,9 +301,20 @@ def test_forgetting_metrics_on_a_known_score_matrix():
     scores[p_rem[:, 0], p_rem[:, 1]] = 2.0
     scores[p_forget[:, 0], p_forget[:, 1]] = 1.0
     d = deleted_pair_scores(scores, rem, forget, n_random=100)
-    assert d == {"deleted_mean": 1.0, "never_seen_mean": 0.0, "retained_mean": 2.0}
+    assert d == {"deleted_mean": 1.0, "never_seen_mean": 0.0, "retained_mean": 2.0,
+                 "user_never_seen_mean": 0.0, "below_user_never_seen": 0.0}
+    # the same deleted pairs at their users' level, then one of them below it
+    scores = scores.clone()
     a = membership_auc(scores, rem, forget, n_random=100)
     assert a == {"auc_vs_never_seen": 1.0, "auc_vs_retained": 1.0}
+    scores[p_forget[:, 0], p_forget[:, 1]] = 0.0
+    scores[p_forget[0, 0], p_forget[0, 1]] = -1.0
+    d = deleted_pair_scores(scores, rem, forget, n_random=100)
+    assert d["below_user_never_seen"] == 1.0 and d["deleted_mean"] == pytest.approx(-1 / 3)
+    scores[p_forget[0, 0]] += 5.0  # user 0's every score rises: its level rises with them
+    d = deleted_pair_scores(scores, rem, forget, n_random=100)
+    assert d["user_never_seen_mean"] == pytest.approx(5.0)
+    assert d["below_user_never_seen"] == 1.0 and d["never_seen_mean"] < 5.0
     never = never_seen_pairs(g, 200, seed=1)
     keys = set((never[:, 0] * g.n_items + never[:, 1]).tolist())
     assert len(keys) == 200 and not keys & set(g.all_keys().tolist())

@@ -5,6 +5,7 @@ the retrained model."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from rec_fixtures import CONFIG, community_graph
 from baselines.recommend import RetrainRec
 from unlearn.recommend import (
     InteractionGraph,
+    forgetting_report,
     never_seen_pairs,
     score_pairs,
     train_lightgcn,
@@ -24,6 +26,7 @@ from unlearn.removal.recommend import (
     as_rec_edges,
     lightgcn_embeddings,
     normalized_adjacency,
+    unlearn_hinge,
 )
 
 ENCODER = UnlearnRecConfig(pretrain_steps=40, finetune_steps=40, batch_size=256, hidden=16,
@@ -170,6 +173,57 @@ def test_wrong_model_and_config(graph, model):
         UnlearnRecConfig(drop_rate=1.5)
     with pytest.raises(ValueError, match="finetune_steps"):
         UnlearnRecConfig(finetune_steps=-1)
+    with pytest.raises(ValueError, match="unlearn_reference"):
+        UnlearnRecConfig(unlearn_reference="item")
+    with pytest.raises(ValueError, match="unlearn_floor"):
+        UnlearnRecConfig(unlearn_floor=0.0)
+    with pytest.raises(ValueError, match="unlearn_negatives"):
+        UnlearnRecConfig(unlearn_negatives=0)
+
+
+def test_unlearn_hinge_leaves_low_pairs_alone_and_pulls_up_the_far_below():
+    scores = torch.tensor([3.0, 0.5, -5.0], requires_grad=True)
+    loss = unlearn_hinge(scores, torch.tensor(1.0))
+    loss.backward()
+    assert float(loss) == pytest.approx(2.0 / 3.0)  # only the pair above its level counts
+    assert scores.grad.tolist() == pytest.approx([1 / 3, 0.0, 0.0])
+    scores.grad = None
+    # margin 1: the pair at 0.5 is now too high; floor 2: the pair at -5 is too low
+    loss = unlearn_hinge(scores, torch.tensor([1.0, 1.0, 1.0]), margin=1.0, floor=2.0)
+    loss.backward()
+    assert float(loss) == pytest.approx((3.0 + 0.5) / 3 + 4.0 / 3)
+    assert scores.grad.tolist() == pytest.approx([1 / 3, 1 / 3, -1 / 3])
+
+
+def test_the_floor_stops_a_deleted_user_from_sinking_below_random_pairs(model, graph):
+    # margin 0 and a strong weight: without a floor the deleted user's pairs sink well below
+    # random pairs (over-forgetting); with a floor of 0.1 they stop just below them
+    forget = forget_request(graph, users=[7])
+    remaining = graph.without(forget)
+    never = never_seen_pairs(remaining, 300, seed=1)
+    deleted = graph.pairs(forget)
+    means = {}
+    for floor in (None, 0.1):
+        cfg = replace(ENCODER, unlearn_reference="global", unlearn_margin=0.0,
+                      unlearn_floor=floor, lambda_unlearn=10.0)
+        new = UnlearnRec(cfg).unlearn(model, graph, forget).model
+        level = float(_scores(new, remaining, never).mean())
+        means[floor] = float(_scores(new, remaining, deleted).mean()) - level
+    assert means[None] < -0.3
+    assert -0.25 < means[0.1] < 0.05
+
+
+def test_per_user_reference_puts_deleted_pairs_below_their_users_random_items(model, graph):
+    forget = graph.train_ids[torch.randperm(graph.n_train,
+                                            generator=torch.Generator().manual_seed(5))[:12]]
+    remaining = graph.without(forget)
+    cfg = replace(ENCODER, unlearn_reference="user", unlearn_floor=1.0)
+    new = UnlearnRec(cfg).unlearn(model, graph, forget).model
+    before = forgetting_report(model, graph, forget, n_random=300)
+    after = forgetting_report(new, remaining, forget, n_random=300)
+    assert before["below_user_never_seen"] == 0.0  # all were remembered
+    assert after["below_user_never_seen"] >= 0.75
+    assert after["recall@20"] > before["recall@20"] - 0.1
 
 
 def test_float64_model(graph, model):

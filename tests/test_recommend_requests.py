@@ -3,6 +3,7 @@ apply with UnlearnRec, certify against retrained LightGCNs."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -10,9 +11,9 @@ import torch
 from rec_fixtures import CONFIG, community_graph
 
 from baselines.recommend import RetrainRec
-from unlearn.audit.recommend import RecCertificate, certify_recommendation
+from unlearn.audit.recommend import RecCertificate, certify_recommendation, paired_auc_se
 from unlearn.ledger import Ledger
-from unlearn.recommend import InteractionGraph, score_pairs, train_lightgcn
+from unlearn.recommend import InteractionGraph, embeddings, score_pairs, train_lightgcn
 from unlearn.recommend.protocol import forget_request
 from unlearn.recommend.requests import (
     apply_requests,
@@ -164,3 +165,65 @@ def test_certificate_needs_three_references(graph, model):
         certify_recommendation(model, graph, forget, references=RetrainRec(CONFIG), seeds=[0])
     with pytest.raises(KeyError):
         certify_recommendation(model, graph, [10**6], references=[model] * 3)
+
+
+def _delong_brute(d, n, refs):
+    """The paired DeLong variance from explicit pairwise comparisons (small inputs)."""
+    def comps(dd, nn):
+        m = (dd[:, None] > nn[None, :]).double() + 0.5 * (dd[:, None] == nn[None, :]).double()
+        return m.mean(1), m.mean(0)
+    v10, v01 = comps(d, n)
+    r = [comps(rd, rn) for rd, rn in refs]
+    v10 = v10 - sum(x[0] for x in r) / len(r)
+    v01 = v01 - sum(x[1] for x in r) / len(r)
+    return float((v10.var() / len(d) + v01.var() / len(n)).sqrt())
+
+
+def test_paired_auc_se_matches_delong_and_shrinks_with_more_pairs():
+    g = torch.Generator().manual_seed(0)
+    d, n = torch.randn(15, generator=g) + 1.0, torch.randn(40, generator=g).round()
+    refs = [(d + 0.5 * torch.randn(15, generator=g), n + torch.randn(40, generator=g).round())
+            for _ in range(3)]
+    assert paired_auc_se(d, n, *zip(*refs)) == pytest.approx(_delong_brute(d, n, refs))
+    # the same model as every reference: no difference, no error
+    assert paired_auc_se(d, n, [d] * 3, [n] * 3) == pytest.approx(0.0, abs=1e-7)
+
+    def noisy(k):  # references = the model's scores plus independent noise, k deleted pairs
+        gen = torch.Generator().manual_seed(k)
+        dd, nn = torch.randn(k, generator=gen) + 1.0, torch.randn(2000, generator=gen)
+        return paired_auc_se(dd, nn, [dd + torch.randn(k, generator=gen) for _ in range(3)],
+                             [nn + torch.randn(2000, generator=gen) for _ in range(3)])
+    assert noisy(20) > 2 * noisy(500)
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_auc_se(d[:1], n, [d[:1]], [n])
+
+
+def test_membership_band_catches_over_forgetting_of_a_small_request(graph, model):
+    # one whole user and four single interactions of others, like the ledger demo
+    forget = forget_request(graph, users=[5], interactions=graph.train_ids[
+        graph.interactions[graph.train_ids, 0] == 20][:4])
+    retrain = RetrainRec(CONFIG)
+    refs = [retrain.unlearn(model, graph, forget).model] + [
+        type(retrain)(CONFIG.__class__(**{**CONFIG.to_dict(), "seed": s})).unlearn(
+            model, graph, forget).model for s in (1, 2)]
+    other = type(retrain)(CONFIG.__class__(**{**CONFIG.to_dict(), "seed": 7})).unlearn(
+        model, graph, forget).model
+    cert = certify_recommendation(other, graph, forget, references=refs)
+    mia = next(c for c in cert.checks if c.name == "membership_auc")
+    assert mia.passed and cert.config["membership_auc_se"] > 0  # another retrained model
+    # over-forgetting: the deleted user's embedding points away from its deleted items, so
+    # their pairs score far below random ones (what the ledger demo's previous default did)
+    flipped = copy.deepcopy(other)
+    _, items = embeddings(other, graph.without(forget))
+    liked = items[graph.pairs(graph.user_interaction_ids(5))[:, 1]].mean(0)
+    with torch.no_grad():
+        flipped.embedding.weight[5] = -10.0 * liked / liked.norm()
+    cert = certify_recommendation(flipped, graph, forget, references=refs)
+    mia = next(c for c in cert.checks if c.name == "membership_auc")
+    assert not mia.passed and mia.value < mia.low
+    # the sampling-error term only ever widens the band
+    narrow = certify_recommendation(flipped, graph, forget, references=refs, auc_z=0.0)
+    nm = next(c for c in narrow.checks if c.name == "membership_auc")
+    assert nm.low >= mia.low
+    with pytest.raises(ValueError, match="auc_z"):
+        certify_recommendation(flipped, graph, forget, references=refs, auc_z=-1.0)

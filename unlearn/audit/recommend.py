@@ -13,7 +13,11 @@ the references span (``mean ± max(k · std, floor)``, std with ddof = 1):
   at most the band's top (the deleted pairs are not remembered better than retraining would
   score them from the collaborative signal alone);
 * ``membership_auc`` (deleted pairs against never-seen pairs): two-sided, floor 0.05, since
-  pushing deleted pairs far *below* what retraining gives also reveals that they were deleted;
+  pushing deleted pairs far *below* what retraining gives also reveals that they were deleted.
+  Its half-width also covers ``auc_z`` standard errors of the difference between the model's
+  AUC and the references' mean AUC on the same pairs (DeLong's paired variance,
+  :func:`paired_auc_se`): with few deleted edges an AUC moves by ``1/n`` per edge, and a
+  difference the pairs cannot resolve is not evidence of remembering or over-forgetting;
 * with ``strict_deleted=True`` one more check, ``deleted_below_never_seen``: ``deleted_gap <=
   0``, i.e. deleted pairs score no higher than random pairs nobody interacted with. Retrained
   models usually fail it (a user's deleted items are still items users like them like), so
@@ -37,7 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from unlearn.audit.certificate import (
     Check,
@@ -47,11 +51,12 @@ from unlearn.audit.certificate import (
     check_lines,
 )
 from unlearn.recommend.data import InteractionGraph
-from unlearn.recommend.metrics import forgetting_report
+from unlearn.recommend.metrics import forgetting_report, never_seen_pairs
+from unlearn.recommend.model import score_matrix
 from unlearn.removal.base import RemovalResult
 
 __all__ = ["REC_SCHEMA", "REC_METRICS", "REC_FLOORS", "RecCertificate", "RecReference",
-           "certify_recommendation", "retrain_rec_references"]
+           "certify_recommendation", "paired_auc_se", "retrain_rec_references"]
 
 REC_SCHEMA = "unlearn.rec-certificate/1"
 MIN_REFERENCES = 3
@@ -139,12 +144,42 @@ def _measure(model: nn.Module, remaining: InteractionGraph, forget_ids: Any, n_r
             "retained_mean": r["retained_mean"], "auc_vs_retained": r["auc_vs_retained"]}
 
 
+def _placements(pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
+    """DeLong's placements: for each positive the share of negatives below it, for each
+    negative the share of positives above it (ties count half)."""
+    neg_sorted, pos_sorted = torch.sort(neg).values, torch.sort(pos).values
+    below = (torch.searchsorted(neg_sorted, pos, right=False)
+             + torch.searchsorted(neg_sorted, pos, right=True)) / 2.0
+    not_above = (torch.searchsorted(pos_sorted, neg, right=False)
+                 + torch.searchsorted(pos_sorted, neg, right=True)) / 2.0
+    return below / len(neg), (len(pos) - not_above) / len(pos)
+
+
+def paired_auc_se(deleted: Tensor, never: Tensor, ref_deleted: Sequence[Tensor],
+                  ref_never: Sequence[Tensor]) -> float:
+    """Standard error of ``AUC(model) - mean AUC(references)``, each the AUC of deleted-pair
+    scores against never-seen-pair scores on the *same* pairs (DeLong et al. 1988, paired):
+    ``var = var(V10) / n_deleted + var(V01) / n_never`` with ``V10`` / ``V01`` the per-pair
+    differences of the placements. Few deleted pairs give a large error."""
+    d, n = deleted.double(), never.double()
+    if d.numel() < 2 or n.numel() < 2:
+        raise ValueError("paired_auc_se needs at least 2 deleted and 2 never-seen scores")
+    if len(ref_deleted) != len(ref_never) or not ref_deleted:
+        raise ValueError("give the references' deleted and never-seen scores, one of each per "
+                         "reference")
+    v10, v01 = _placements(d, n)
+    refs = [_placements(rd.double(), rn.double()) for rd, rn in zip(ref_deleted, ref_never)]
+    v10 = v10 - torch.stack([r[0] for r in refs]).mean(0)
+    v01 = v01 - torch.stack([r[1] for r in refs]).mean(0)
+    return float(torch.sqrt(v10.var() / len(d) + v01.var() / len(n)))
+
+
 def _band(name: str, value: float, refs: Sequence[float], k: float,
-          floors: Mapping[str, float]) -> Check:
+          floors: Mapping[str, float], sampling: float = 0.0) -> Check:
     direction, desc = REC_METRICS[name]
     mean, std = float(np.mean(refs)), float(np.std(refs, ddof=1))
     floor = floors[name] * abs(mean) if name in _RELATIVE else floors[name]
-    half = max(k * std, floor)
+    half = max(k * std, floor, sampling)
     low = None if direction == "upper" else mean - half
     high = None if direction == "lower" else mean + half
     ok = (low is None or value >= low) and (high is None or value <= high)
@@ -199,6 +234,7 @@ def certify_recommendation(
         references: Any, seeds: Sequence[int] | None = None, original: nn.Module | None = None,
         removal: RemovalResult | None = None, k: float = 3.0,
         floors: Mapping[str, float] | None = None, strict_deleted: bool = False,
+        auc_z: float = 2.0,
         cache_dir: str | os.PathLike[str] | None = None, n_random: int = 2000,
         metric_seed: int = 0, ledger: Any = None, request_ids: Iterable[int] | None = None,
 ) -> RecCertificate:
@@ -210,7 +246,8 @@ def certify_recommendation(
     once per seed, ``seeds`` default ``(0, 1, 2)``, cached in ``cache_dir``) or a list of at
     least 3 retrained models / :class:`RemovalResult`. ``original``: the model before the
     removal (reported, not checked). ``removal``: its :class:`RemovalResult` (cost).
-    ``ledger`` (+ ``request_ids``): the request timeline.
+    ``ledger`` (+ ``request_ids``): the request timeline. ``auc_z``: how many standard
+    errors of the paired AUC difference the membership band spans at least (0: none).
     """
     if not isinstance(graph, InteractionGraph):
         raise TypeError(f"graph must be an InteractionGraph, got {type(graph).__name__}")
@@ -218,6 +255,8 @@ def certify_recommendation(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not (isinstance(k, (int, float)) and k > 0):
         raise ValueError(f"k must be a positive number of standard deviations, got {k!r}")
+    if not (isinstance(auc_z, (int, float)) and auc_z >= 0):
+        raise ValueError(f"auc_z must be a number of standard errors >= 0, got {auc_z!r}")
     floors = {**REC_FLOORS, **dict(floors or {})}
     unknown = sorted(set(floors) - set(REC_METRICS))
     if unknown:
@@ -230,7 +269,11 @@ def certify_recommendation(
     ref_rows = [_measure(r.model, remaining, forget, n_random, metric_seed) for r in refs]
     mine = _measure(model, remaining, forget, n_random, metric_seed)
     ref_lists = {name: [row[name] for row in ref_rows] for name in mine}
-    checks = [_band(name, mine[name], ref_lists[name], k, floors) for name in REC_METRICS]
+    auc_se = _membership_se(model, [r.model for r in refs], remaining, forget, n_random,
+                            metric_seed)
+    checks = [_band(name, mine[name], ref_lists[name], k, floors,
+                    auc_z * auc_se if name == "membership_auc" else 0.0)
+              for name in REC_METRICS]
     if strict_deleted:
         gap = mine["deleted_gap"]
         checks.append(Check("deleted_below_never_seen", gap, None, 0.0, gap <= 0.0, "upper",
@@ -249,11 +292,30 @@ def certify_recommendation(
         cost=_cost(removal, refs), timeline=_timeline(ledger, request_ids, f_ids),
         config={"k": float(k), "floors": floors, "relative_floors": sorted(_RELATIVE),
                 "strict_deleted": bool(strict_deleted), "n_references": len(refs),
+                "auc_z": float(auc_z), "membership_auc_se": auc_se,
                 "seeds": [r.seed for r in refs], "cached": [r.cached for r in refs],
                 "n_forget": len(forget), "n_remaining": remaining.n_train,
                 "n_test": len(graph.test_ids), "n_random": n_random,
                 "metric_seed": metric_seed, "audit_seconds": time.perf_counter() - started},
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def _membership_se(model: nn.Module, refs: Sequence[nn.Module], remaining: InteractionGraph,
+                   forget: Tensor, n_random: int, seed: int) -> float:
+    """:func:`paired_auc_se` on the pairs :func:`forgetting_report` measures the AUC on."""
+    deleted = remaining.pairs(forget)
+    never = never_seen_pairs(remaining, min(n_random, remaining.n_users * remaining.n_items
+                                            - len(remaining.all_keys())), seed)
+
+    def scores(m: nn.Module) -> tuple[Tensor, Tensor]:
+        s = score_matrix(m, remaining).float()
+        return s[deleted[:, 0], deleted[:, 1]], s[never[:, 0], never[:, 1]]
+
+    if len(deleted) < 2:
+        return 0.0  # one deleted pair: no spread to estimate; the floor alone applies
+    d, n = scores(model)
+    ref_scores = [scores(r) for r in refs]
+    return paired_auc_se(d, n, [r[0] for r in ref_scores], [r[1] for r in ref_scores])
 
 
 def _references(references: Any, model: nn.Module, graph: InteractionGraph, forget: Any,

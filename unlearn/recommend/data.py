@@ -269,6 +269,22 @@ class InteractionGraph:
         return InteractionGraph(self.n_users, self.n_items, self.interactions, keep,
                                 self.test_ids, self.user_labels, self.item_labels)
 
+    def validation_split(self, fraction: float = 0.1, seed: int = 0) -> InteractionGraph:
+        """A graph for choosing settings without touching the test split: ``fraction`` of
+        each user's training interactions (``round(fraction * n)``, at least one kept for
+        training; seeded) become its held-out ``test_ids``; the rest are its training graph.
+        The real test interactions are in neither (they stay in the table, so never-seen
+        pairs still avoid them, and they rank as ordinary unknown items)."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+        users = self.interactions[self.train_ids, 0].numpy()
+        held = self.train_ids[torch.from_numpy(_split_per_user(users, fraction, seed))]
+        if len(held) == 0:
+            raise ValueError("no user has enough training interactions to hold any out")
+        keep = self.train_ids[~torch.isin(self.train_ids, held)]
+        return InteractionGraph(self.n_users, self.n_items, self.interactions, keep, held,
+                                self.user_labels, self.item_labels)
+
     def restricted_to(self, train_ids: Any) -> InteractionGraph:
         """The same table and test set with training graph ``train_ids`` (a subset of this
         graph's training ids), e.g. one shard's interactions."""

@@ -5,7 +5,9 @@
   Recall@k = hits / |test items of u| (the LightGCN paper's definition); NDCG@k with binary
   relevance and the ideal DCG over ``min(k, |test items|)`` positions.
 * :func:`deleted_pair_scores`: mean score of the deleted (user, item) pairs against random
-  pairs that are in no interaction at all (never seen) and against retained training pairs.
+  pairs that are in no interaction at all (never seen), against each deleted pair's own
+  user's never-seen items (exact: the mean over all of them) and against retained training
+  pairs.
 * :func:`membership_auc`: AUC of deleted-pair scores against never-seen pairs and against
   retained pairs. A model that still "remembers" deleted edges scores them like retained
   ones; the retrained model is the reference (collaborative signal still ranks them above
@@ -118,17 +120,31 @@ def deleted_pair_scores(model_or_scores: nn.Module | Tensor, graph: InteractionG
                         seed: int = 0) -> dict[str, float]:
     """Mean scores of the deleted pairs, of never-seen random pairs and of retained training
     pairs (a random sample of ``n_random``). ``graph`` is the graph the model propagates on
-    (after a removal: the remaining graph)."""
+    (after a removal: the remaining graph).
+
+    Per user: ``user_never_seen_mean`` averages, over the deleted pairs, the mean score of
+    all items their user has no interaction with (train, test or removed), and
+    ``below_user_never_seen`` is the share of deleted pairs scoring no higher than that
+    level of their own user (users differ in score scale, so this is the like-for-like
+    comparison)."""
     scores = _scores(model_or_scores, graph)
     deleted = graph.pairs(deleted_ids)
     if len(deleted) == 0:
         raise ValueError("no deleted interaction ids given")
     never = never_seen_pairs(graph, _available(graph, n_random), seed)
     retained = _sample_rows(graph.train_pairs(), n_random, seed)
+    seen = torch.zeros(graph.n_users, graph.n_items, dtype=torch.bool)
+    seen[graph.interactions[:, 0], graph.interactions[:, 1]] = True
+    unseen_count = (~seen).sum(1).clamp(min=1)
+    user_level = scores.masked_fill(seen, 0.0).sum(1) / unseen_count
+    d = scores[deleted[:, 0], deleted[:, 1]]
+    level = user_level[deleted[:, 0]]
     return {
-        "deleted_mean": float(scores[deleted[:, 0], deleted[:, 1]].mean()),
+        "deleted_mean": float(d.mean()),
         "never_seen_mean": float(scores[never[:, 0], never[:, 1]].mean()),
         "retained_mean": float(scores[retained[:, 0], retained[:, 1]].mean()),
+        "user_never_seen_mean": float(level.mean()),
+        "below_user_never_seen": float((d <= level).float().mean()),
     }
 
 

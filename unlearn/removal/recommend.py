@@ -21,9 +21,14 @@ the deleted edges from message passing. Pre-training fits the encoder to simulat
 (random edge drops and random whole users of the training graph) with four losses:
 
 * model: BPR on remaining edges against random items;
-* unlearning: a deleted pair's score above the mean score of random (user, item) pairs is
-  penalised (a hinge, so deleted pairs are pushed to the level of random pairs, not far
-  below it: pushing them lower would itself reveal that they were deleted);
+* unlearning (:func:`unlearn_hinge`): a deleted pair scoring above a reference level is
+  penalised, a hinge, so pairs already below it are left alone; with ``unlearn_floor`` the
+  hinge is two-sided and a deleted pair more than ``unlearn_floor`` below the level is pulled
+  back up (pushing deleted pairs far below what an arbitrary pair scores would itself reveal
+  that they were deleted: over-forgetting). The level (``unlearn_reference``) is the mean
+  score of random (user, item) pairs (``"global"``) or of random items the deleted pair's own
+  user never interacted with (``"user"``, which also adds those pairs to the preservation
+  loss);
 * preservation: squared error between the new and the original model's scores on remaining
   edges and random pairs;
 * contrast: InfoNCE between the encoder outputs of two edge-dropout views of the same
@@ -51,7 +56,8 @@ from unlearn.recommend.protocol import RecRemovalMethod
 from unlearn.removal.base import RemovalResult
 
 __all__ = ["UnlearnRecConfig", "InfluenceEncoder", "UnlearnRec", "PretrainReport", "RecEdges",
-           "as_rec_edges", "normalized_adjacency", "lightgcn_embeddings", "pair_scores"]
+           "as_rec_edges", "normalized_adjacency", "lightgcn_embeddings", "pair_scores",
+           "unlearn_hinge"]
 
 
 # ---------------------------------------------------------------------------- graph helpers
@@ -172,7 +178,12 @@ class UnlearnRecConfig:
     batch_size: int = 2048  # remaining edges / random pairs per step
     lambda_model: float = 1.0
     lambda_unlearn: float = 1.0
-    unlearn_margin: float = 0.0  # how far below the random-pair mean deleted pairs go
+    unlearn_margin: float = 0.0  # how far below the reference level deleted pairs go
+    # the unlearning loss (reference, floor, lambda_unlearn) was chosen on a validation split
+    # of ML-100K's training interactions (experiments/recommend_unlearning.py --tune)
+    unlearn_reference: str = "global"  # "global": any random pairs; "user": that user's items
+    unlearn_floor: float | None = 1.0  # deleted pairs below level - floor are pulled up
+    unlearn_negatives: int = 4  # random items per deleted pair for the "user" reference
     lambda_preserve: float = 1.0
     lambda_contrast: float = 0.01
     contrast_dropout: float = 0.2
@@ -181,7 +192,8 @@ class UnlearnRecConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        positive_ints = ("layers", "hidden", "batch_size", "contrast_nodes")
+        positive_ints = ("layers", "hidden", "batch_size", "contrast_nodes",
+                         "unlearn_negatives")
         for name in positive_ints:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -194,12 +206,18 @@ class UnlearnRecConfig:
             v = getattr(self, name)
             if not 0 < v < 1:
                 raise ValueError(f"{name} must lie in (0, 1), got {v!r}")
+        if self.unlearn_reference not in ("user", "global"):
+            raise ValueError(f"unlearn_reference must be 'user' or 'global', got "
+                             f"{self.unlearn_reference!r}")
         if not 0 <= self.user_request_share <= 1:
             raise ValueError(f"user_request_share must lie in [0, 1], got "
                              f"{self.user_request_share!r}")
         for name in ("lr", "finetune_lr", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.unlearn_floor is not None and not self.unlearn_floor > 0:
+            raise ValueError(f"unlearn_floor must be positive or None, got "
+                             f"{self.unlearn_floor!r}")
         for name in ("lambda_model", "lambda_unlearn", "lambda_preserve", "lambda_contrast",
                      "unlearn_margin"):
             if not getattr(self, name) >= 0:
@@ -276,6 +294,20 @@ def _sample(n: int, k: int, gen: torch.Generator) -> Tensor:
     return torch.randperm(n, generator=gen)[:k] if n > k else torch.arange(n)
 
 
+def unlearn_hinge(deleted: Tensor, level: Tensor, margin: float = 0.0,
+                  floor: float | None = None) -> Tensor:
+    """The unlearning loss of deleted-pair scores against their reference ``level``: the mean
+    of ``relu(score - level + margin)`` (a pair already ``margin`` below its level gets no
+    gradient), plus, with ``floor``, ``relu(level - floor - score)``: a pair pushed more than
+    ``floor`` below the level is pulled back up, since scoring deleted pairs far below what
+    an arbitrary pair scores tells a membership attacker they were deleted (retraining
+    leaves a deleted user at its random initialisation: scores near zero, not negative)."""
+    loss = F.relu(deleted - level + margin).mean()
+    if floor is not None:
+        loss = loss + F.relu(level - floor - deleted).mean()
+    return loss
+
+
 def _losses(encoder: InfluenceEncoder, ctx: _Context, req: _Request, cfg: UnlearnRecConfig,
             gen: torch.Generator) -> dict[str, Tensor]:
     g = req.remaining
@@ -289,20 +321,35 @@ def _losses(encoder: InfluenceEncoder, ctx: _Context, req: _Request, cfg: Unlear
     j = _random_items(u, ni, ctx.train_keys, gen)
     model_loss = -F.logsigmoid(pair_scores(final, u, i, nu) - pair_scores(final, u, j, nu)).mean()
 
-    # preservation loss: remaining edges and random pairs keep their original scores
+    # unlearning loss: a hinge on each deleted pair's score above a reference level, detached
+    # so that only the deleted pairs move. "user": the mean score of ``unlearn_negatives``
+    # random items the same user never interacted with (a deleted pair ends just below what
+    # its user scores an arbitrary item; pairs already there get no gradient); "global": the
+    # mean score of random pairs of any user.
+    d = req.deleted.select(_sample(len(req.deleted), cfg.batch_size, gen))
     rand_u = torch.randint(nu, (cfg.batch_size,), generator=gen)
     rand_i = torch.randint(ni, (cfg.batch_size,), generator=gen)
-    ru, ri = torch.cat([u, rand_u]), torch.cat([i, rand_i])
-    new_scores = pair_scores(final, ru, ri, nu)
-    preserve_loss = F.mse_loss(new_scores, pair_scores(ctx.original_final, ru, ri, nu))
+    ru, ri = [u, rand_u], [i, rand_i]
+    if cfg.unlearn_reference == "user":
+        du = d.users.repeat_interleave(cfg.unlearn_negatives)
+        dj = _random_items(du, ni, ctx.train_keys, gen)
+        ru.append(du)
+        ri.append(dj)
+    ru_t, ri_t = torch.cat(ru), torch.cat(ri)
+    new_scores = pair_scores(final, ru_t, ri_t, nu)
+    if cfg.unlearn_reference == "user":
+        level = new_scores[len(u) + len(rand_u):].detach().view(len(d), -1).mean(1)
+    else:
+        unseen = ~torch.isin(rand_u * ni + rand_i, ctx.train_keys)
+        level = new_scores[len(u):len(u) + len(rand_u)][unseen].mean().detach()
+    unlearn_loss = unlearn_hinge(pair_scores(final, d.users, d.items, nu), level,
+                                 cfg.unlearn_margin, cfg.unlearn_floor)
 
-    # unlearning loss: a deleted pair scoring above the mean random pair is penalised (the
-    # reference is detached: only the deleted pairs move, the random pairs are not raised)
-    d = req.deleted.select(_sample(len(req.deleted), cfg.batch_size, gen))
-    unseen = ~torch.isin(rand_u * ni + rand_i, ctx.train_keys)
-    random_mean = new_scores[len(u):][unseen].mean().detach()
-    unlearn_loss = F.relu(pair_scores(final, d.users, d.items, nu) - random_mean
-                          + cfg.unlearn_margin).mean()
+    # preservation loss: remaining edges and random pairs (with "user", also the deleted
+    # pairs' users' random items, which anchors those users' overall score level: pushing
+    # a deleted user's whole embedding past zero would flip all its scores) keep their
+    # original scores
+    preserve_loss = F.mse_loss(new_scores, pair_scores(ctx.original_final, ru_t, ri_t, nu))
 
     out = {"model": model_loss, "unlearn": unlearn_loss, "preserve": preserve_loss}
     if cfg.lambda_contrast > 0:
