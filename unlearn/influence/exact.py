@@ -41,14 +41,20 @@ _GEMM_ELEMENTS = 1 << 23  # [B, d_out·d_in] right-hand sides of one block GEMM
 
 class _Factors(dict):
     """The saved factors; ``eigenvalues`` / ``eigenvectors`` are computed on first access
-    from the stored curvature (the Cholesky path does not need them)."""
+    from the stored curvature (the Cholesky path does not need them), and so is the dense
+    ``curvature`` itself after a layer-wise build (which keeps only its non-zero block)."""
 
-    def __init__(self, data: dict[str, Tensor], eigen: Callable[[], tuple[Tensor, Tensor]]):
+    def __init__(self, data: dict[str, Tensor], eigen: Callable[[], tuple[Tensor, Tensor]],
+                 dense: Callable[[], Tensor] | None = None):
         super().__init__(data)
-        self._eigen = eigen
+        self._eigen, self._dense = eigen, dense
 
     def __missing__(self, key: str) -> Tensor:
-        if key not in ("eigenvalues", "eigenvectors") or "curvature" not in self:
+        if key == "curvature" and self._dense is not None:
+            self["curvature"] = self._dense()
+            return self["curvature"]
+        if key not in ("eigenvalues", "eigenvectors") or (
+                "curvature" not in self and self._dense is None):
             raise KeyError(key)
         self["eigenvalues"], self["eigenvectors"] = self._eigen()
         return self[key]
@@ -100,7 +106,16 @@ class ExactInfluence(InfluenceEstimator):
         dtype = next(self.model.parameters()).dtype
         H = None
         if self.curvature == "ggn":
-            H = _layer_ggn(self, train_loader)
+            built = _layer_ggn(self, train_loader)
+            if built is not None and "_reduce_curvature" not in vars(self):
+                # keep the built block (rows ``order`` of the flat matrix) and factorise it
+                # directly; the dense matrix is made only when asked for (save, eigh)
+                block, order = built
+                self.build = "layers"
+                P = self.space.numel
+                self._set_block(block, order.to(block.device), P, dtype)
+                return
+            H = None if built is None else _dense(*built, self.space.numel)
         if H is not None:
             self.build = "layers"
         else:
@@ -130,7 +145,6 @@ class ExactInfluence(InfluenceEstimator):
         """Factorise ``H + λI`` (Cholesky), or eigendecompose where eigenvalues are needed;
         files saved before the Cholesky path (eigenvalues and eigenvectors only) load too."""
         f = dict(self.factors)
-        dtype = next(iter(f.values())).dtype if f else torch.float64
         self._chol: Tensor | None = None
         if "curvature" not in f:
             if not {"eigenvalues", "eigenvectors"} <= f.keys():
@@ -139,6 +153,7 @@ class ExactInfluence(InfluenceEstimator):
             self.factors, self.solver = f, "eigh"
             return
         H = f["curvature"]
+        dtype = H.dtype
         P = self.space.numel
         if tuple(H.shape) != (P, P):
             raise ValueError(f"factor 'curvature' has shape {tuple(H.shape)}, the parameter "
@@ -152,27 +167,56 @@ class ExactInfluence(InfluenceEstimator):
         self._rows: Tensor | None = None
         if self.damping > 0 and not self.clip_negative:
             A = H.double()
-            # an all-zero row and column (a weight whose input is always zero) decouples:
-            # there (H + λI)⁻¹ is 1/λ; factorise the rest only. Only rows with a zero
-            # diagonal can be all zero.
-            cand = (A.diagonal() == 0).nonzero().squeeze(1)
-            zero = cand[(A[cand] == 0).all(dim=1)]
-            if len(zero):
-                keep = torch.ones(P, dtype=torch.bool, device=A.device)
-                keep[zero] = False
-                rows = keep.nonzero().squeeze(1)
+            order = f.get("order")
+            if order is not None:  # the rows the layer build kept, in its order
+                rows = order.long().to(A.device)
                 A = A[rows.unsqueeze(1), rows]
             else:
+                rows = torch.arange(P, device=A.device)
                 A = A.clone()
-            A.diagonal().add_(self.damping)
-            L, info = torch.linalg.cholesky_ex(A)
-            # a NaN or inf anywhere in L reaches the diagonal entries of its row
-            if int(info) == 0 and bool(torch.isfinite(L.diagonal()).all()):
-                self._chol, self.solver = L, "cholesky"
-                self._rows = rows if len(zero) else None
+            A, rows = _drop_zero_rows(A, rows)
+            if self._factorise(A, rows, P):
                 return
         self.solver = "eigh"
         self.factors["eigenvalues"]  # noqa: B018 -- decompose now, not on the first query
+
+    def _set_block(self, block: Tensor, order: Tensor, P: int, dtype: torch.dtype) -> None:
+        """After a layer-wise build: ``block`` is the float64 curvature on the flat rows
+        ``order`` (every other row and column is zero)."""
+        def dense() -> Tensor:
+            return _dense(block, order, P).to(dtype)
+
+        def eigen() -> tuple[Tensor, Tensor]:
+            evals, evecs = torch.linalg.eigh(self.factors["curvature"].double())
+            return evals.to(dtype), evecs.to(dtype)
+
+        self._chol, self._rows = None, None
+        self.factors = _Factors({"order": order.cpu()}, eigen, dense)
+        if self.damping > 0 and not self.clip_negative:
+            A, rows = _drop_zero_rows(block.to(dtype).double(), order)
+            if self._factorise(A, rows, P):
+                return
+        self.solver = "eigh"
+        self.factors["eigenvalues"]  # noqa: B018 -- decompose now, not on the first query
+
+    def _factorise(self, A: Tensor, rows: Tensor, P: int) -> bool:
+        """Cholesky of ``A + λI`` (``A`` the curvature on the flat ``rows``; its diagonal is
+        shifted in place and restored); False where ``A + λI`` is not positive definite."""
+        diag = A.diagonal().clone()
+        A.diagonal().add_(self.damping)
+        L, info = torch.linalg.cholesky_ex(A)
+        A.diagonal().copy_(diag)
+        # a NaN or inf anywhere in L reaches the diagonal entries of its row
+        if int(info) != 0 or not bool(torch.isfinite(L.diagonal()).all()):
+            return False
+        self._chol, self.solver = L, "cholesky"
+        self._rows = None if torch.equal(rows, torch.arange(P, device=rows.device)) else rows
+        return True
+
+    def save(self, path: Any) -> None:
+        if isinstance(self.factors, _Factors) and self.factors._dense is not None:
+            self.factors["curvature"]  # noqa: B018 -- the dense matrix is what is saved
+        super().save(path)
 
     def _chol_solve(self, G: Tensor) -> Tensor:
         """Rows of ``G`` times ``(L Lᵀ)⁻¹``: two triangular solves (faster on this CPU than
@@ -201,9 +245,31 @@ class ExactInfluence(InfluenceEstimator):
         return ((G @ V) / denom) @ V.T
 
 
-def _layer_ggn(est: ExactInfluence, loader: DataLoader) -> Tensor | None:
-    """The Gauss-Newton matrix (sum over ``loader``, divided by its size) in the flat
-    parameter order, assembled from layer hooks; ``None`` where that does not apply
+def _drop_zero_rows(A: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Leave out the all-zero rows and columns of ``A`` (the curvature on the flat ``rows``):
+    they decouple, ``(H + λI)⁻¹`` is ``1/λ`` there. Only a zero diagonal entry can start
+    an all-zero row."""
+    cand = (A.diagonal() == 0).nonzero().squeeze(1)
+    zero = cand[(A[cand] == 0).all(dim=1)]
+    if not len(zero):
+        return A, rows
+    keep = torch.ones(A.shape[0], dtype=torch.bool, device=A.device)
+    keep[zero] = False
+    idx = keep.nonzero().squeeze(1)
+    return A[idx.unsqueeze(1), idx], rows[idx]
+
+
+def _dense(block: Tensor, order: Tensor, P: int) -> Tensor:
+    """The ``P × P`` matrix that is ``block`` on rows and columns ``order``, zero elsewhere."""
+    out = torch.zeros(P, P, dtype=block.dtype, device=block.device)
+    out[order.unsqueeze(1), order.unsqueeze(0)] = block
+    return out
+
+
+def _layer_ggn(est: ExactInfluence, loader: DataLoader) -> tuple[Tensor, Tensor] | None:
+    """The Gauss-Newton matrix (sum over ``loader``, divided by its size), assembled from
+    layer hooks, as ``(block, order)``: the matrix on the flat parameter rows ``order``
+    (the others are zero; see :func:`_dense`); ``None`` where that does not apply
     (a parameter outside Linear / Conv2d layers, a layer called more than once or at
     several positions, an embedding, outputs above ``max_outputs``).
 
@@ -279,9 +345,9 @@ class _KronBuild:
                 _add_kron_block(block.view(li.d_out, din[i], layers[j].d_out, din[j]),
                                 f.g[i], a[i], f.g[j], a[j], same=i == j, dtype=self.dtype)
 
-    def finish(self, space: Any, n: int) -> Tensor:
-        """Mirror the lower halves, divide by ``n`` and place the kept rows and columns in
-        the flat parameter order (the others stay zero)."""
+    def finish(self, space: Any, n: int) -> tuple[Tensor, Tensor]:
+        """Mirror the lower halves and divide by ``n``; return the block with the flat
+        parameter positions of its rows."""
         H, layers = self.H, self.layers
         assert H is not None
         din = [len(c) for c in self.cols]
@@ -303,13 +369,7 @@ class _KronBuild:
         parts = space.unflatten(flat)
         pos = torch.cat([layer.to_matrix(parts)[0][:, c].reshape(-1)
                          for layer, c in zip(layers, self.cols, strict=True)]).long()
-        if len(pos) == P:
-            inv = torch.empty_like(pos)
-            inv[pos] = torch.arange(P, device=pos.device)
-            return H[inv.unsqueeze(1), inv]
-        out = torch.zeros(P, P, dtype=H.dtype, device=H.device)
-        out[pos.unsqueeze(1), pos.unsqueeze(0)] = H
-        return out
+        return H, pos
 
 
 def _add_kron_block(out: Tensor, gi: Tensor, ai: Tensor, gj: Tensor, aj: Tensor, same: bool,
