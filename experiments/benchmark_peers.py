@@ -466,9 +466,10 @@ def md_model(res: dict, title: str) -> list[str]:
     if s["model"] == "mlp":
         absent.append("dattri explicit (a dense 101,770² Hessian: about 41 GB in float32)")
     if absent:
-        lines += ["", "Not run in this table: " + "; ".join(absent) + " (dattri CG / LiSSA are "
-                  "skipped by `--skip-slow`, used on the shared machine because a full run "
-                  "takes several minutes each).", ""]
+        skipped = any(x in ("dattri CG 100 it", "dattri LiSSA") for x in absent)
+        lines += ["", "Not run in this table: " + "; ".join(absent) + (
+            " (dattri CG / LiSSA are skipped by `--skip-slow`: a full run takes several "
+            "minutes each)." if skipped else "."), ""]
     return lines + [""] + md_targets(res)
 
 
@@ -631,6 +632,23 @@ def md_summary(res: dict[str, dict]) -> list[str]:
                 ma, mb = a["peak_rss_mb"]["median"], best["peak_rss_mb"]["median"]
                 lines.append(f"| {ours} peak RSS ≤ best peer's | {title} | {ma:.0f} vs {mb:.0f} "
                              f"MB ({best['label']}) | {'yes' if ma <= mb else 'no'} |")
+        for ours, peer, what in (("ours CG (GGN) 100 it", "dattri CG 100 it", "CG"),
+                                 ("ours LiSSA (GGN)", "dattri LiSSA", "LiSSA"),
+                                 ("ours Arnoldi r=100", "dattri Arnoldi r=100", "Arnoldi")):
+            a, b = fresh.get(ours), fresh.get(peer)
+            if a is None or b is None:
+                ran = peer in {r["label"] for r in res[key]["rows"]}
+                lines.append(f"| ours {what} ≤ ½ dattri {what} at LDS ≥ dattri's − 0.01 | "
+                             f"{title} | not measured (dattri {'failed' if ran else 'not run'})"
+                             " | – |")
+                continue
+            ta, tb = a["total_s"]["median"], b["total_s"]["median"]
+            lds_ok = a["lds"] is not None and b["lds"] is not None and a["lds"] >= b["lds"] - 0.01
+            target = "" if what != "Arnoldi" else " (no target in the issue)"
+            lines.append(f"| ours {what} ≤ ½ dattri {what} at LDS ≥ dattri's − 0.01{target} | "
+                         f"{title} | {ta:.1f} vs {tb:.1f} s (ratio {ta / tb:.2f}), LDS "
+                         f"{a['lds']:.3f} vs {b['lds']:.3f} | "
+                         f"{'yes' if ta <= 0.5 * tb and lds_ok else 'no'} |")
         kr = fresh.get("kronfluence EK-FAC")
         if key == "lr" and kr is not None:
             budget = kr["total_s"]["median"]
