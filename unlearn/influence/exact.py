@@ -49,6 +49,12 @@ class _Factors(dict):
         super().__init__(data)
         self._eigen, self._dense = eigen, dense
 
+    def items(self):  # type: ignore[override]
+        # what is iterated (save) includes the dense curvature
+        if self._dense is not None:
+            self["curvature"]  # noqa: B018
+        return super().items()
+
     def __missing__(self, key: str) -> Tensor:
         if key == "curvature" and self._dense is not None:
             self["curvature"] = self._dense()
@@ -212,11 +218,6 @@ class ExactInfluence(InfluenceEstimator):
         self._chol, self.solver = L, "cholesky"
         self._rows = None if torch.equal(rows, torch.arange(P, device=rows.device)) else rows
         return True
-
-    def save(self, path: Any) -> None:
-        if isinstance(self.factors, _Factors) and self.factors._dense is not None:
-            self.factors["curvature"]  # noqa: B018 -- the dense matrix is what is saved
-        super().save(path)
 
     def _chol_solve(self, G: Tensor) -> Tensor:
         """Rows of ``G`` times ``(L Lᵀ)⁻¹``: two triangular solves (faster on this CPU than
