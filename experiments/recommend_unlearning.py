@@ -586,6 +586,10 @@ def tuning_section(tune: dict[str, Any], data: dict[str, Any]) -> list[str]:
         lines.append(f"| {lr:g} | " + " | ".join(
             f"{means[(lr, e)][0]:.4f} ± {means[(lr, e)][1]:.4f}" for e in epochs) + " |")
     urows = tune["unlearnrec"]["rows"]
+    orig_gaps = [(r["recall@20"] - ref["recall@20"]) / ref["recall@20"]
+                 for r in urows if r["method"] == "original"
+                 for ref in _by(urows, seed=r["seed"], scenario=r["scenario"],
+                                method="retrain")]
     lines += [
         "",
         f"**UnlearnRec** (validation seeds {', '.join(map(str, tune['seeds']))}; the chosen "
@@ -597,10 +601,13 @@ def tuning_section(tune: dict[str, Any], data: dict[str, Any]) -> list[str]:
         f"{RECALL_TOL:.0%} of retraining and whose membership AUC falls at most {AUC_FLOOR} "
         "below retraining's (the certificate's floor: lower is over-forgetting) for every "
         "request type, each as the mean over seeds (a single seed's gap mixes in the base "
-        "model's own seed noise: before any unlearning the seed-1 base model already ranks "
-        "4.9 % below its retrained counterpart in the first tuning attempt below); among "
-        "them take the one whose deleted pairs score lowest against never-seen pairs (the "
-        "issue's target), averaged over seeds and request types. Chosen: **"
+        "model's own seed noise: before any unlearning, the base model's Recall@20 on the "
+        "remaining graph is already "
+        f"{100 * min(orig_gaps):+.1f} % to {100 * max(orig_gaps):+.1f} % off its retrained "
+        "counterpart across seeds and requests; a first attempt that required every single "
+        "seed within 3 % found no feasible configuration); among them take the one whose "
+        "deleted pairs score lowest against never-seen pairs (the issue's target), averaged "
+        "over seeds and request types. Chosen: **"
         + (", ".join(f"{k} {v}" for k, v in chosen_ur.items()) if chosen_ur else "none "
            "feasible") + "**.",
         "",
@@ -657,7 +664,7 @@ def ledger_demo(graph: Any, cfg: BPRConfig, out_dir: Path, log: Any) -> dict[str
     applied with UnlearnRec in one batch, certified against 3 retrained references."""
     import shutil
 
-    from unlearn.audit.recommend import retrain_rec_references
+    from unlearn.audit.recommend import certify_recommendation, retrain_rec_references
     from unlearn.ledger import Ledger
     from unlearn.recommend.requests import (
         apply_requests,
@@ -695,11 +702,19 @@ def ledger_demo(graph: Any, cfg: BPRConfig, out_dir: Path, log: Any) -> dict[str
         remaining = graph.without(forgotten)
         refs = retrain_rec_references(RetrainRec(cfg), base, graph, forgotten, (0, 1, 2),
                                       cache_dir=out_dir / "rec_refs")
+        # the configuration before the validation, on the same request and references
+        previous = UnlearnRec(UnlearnRecConfig(seed=0, **PREVIOUS)).unlearn(base, graph,
+                                                                           forgotten)
+        prev_cert = certify_recommendation(previous.model, graph, forgotten,
+                                           references=[r.model for r in refs])
+        log("ledger demo, previous default: " + prev_cert.summary().replace("\n", " | "))
         parts = {"original": measure_groups(base, remaining, groups),
                  "unlearnrec": measure_groups(applied.result.model, remaining, groups),
+                 "previous default": measure_groups(previous.model, remaining, groups),
                  "references": [measure_groups(r.model, remaining, groups) for r in refs]}
         return {"user": user, "n_pairs": len(pairs), "n_requests": len(applied.request_ids),
                 "parts": parts, "config": asdict(UnlearnRecConfig(seed=0)),
+                "previous_certificate": prev_cert.to_dict(),
                 "n_forget": applied.n_forget, "seconds": applied.seconds,
                 "pretrain_seconds": applied.pretrain_seconds, "summary": cert.summary(),
                 "certificate": cert.to_dict(),
@@ -760,40 +775,75 @@ def ledger_section(demo: dict[str, Any]) -> list[str]:
         rows = [("retrained (3 seeds, mean)", {k: float(np.mean([r[k] for r in refs]))
                                                for k in refs[0]}),
                 ("original", parts["original"]), ("UnlearnRec (default)", parts["unlearnrec"])]
+        if "previous default" in parts:
+            rows.append(("UnlearnRec (previous default: no floor)", parts["previous default"]))
         for label, r in rows:
             lines.append(f"| {label} | {r['user_deleted_mean']:.2f} / {r['user_auc']:.3f} | "
                          f"{r['pairs_deleted_mean']:.2f} / {r['pairs_auc']:.3f} | "
                          f"{r['deleted_mean']:.2f} / {r['auc_vs_never_seen']:.3f} |")
         lines.append("")
+    prev = demo.get("previous_certificate")
+    if prev:
+        pm = next(c for c in prev["checks"] if c["name"] == "membership_auc")
+        se = prev["config"]["membership_auc_se"]
+        terms = {"3 × the references' std": 3 * pm["ref_std"], "the 0.05 floor": 0.05,
+                 f"{prev['config']['auc_z']:g} × the standard error": prev["config"]["auc_z"] * se}
+        how = "half-width set by " + max(terms, key=lambda t: terms[t])
+        bad = ", ".join(c["name"] for c in prev["checks"] if not c["passed"])
+        lines += [f"The configuration before the validation (no floor), applied to the same "
+                  f"request and certified against the same references: "
+                  f"{'PASS' if prev['passed'] else f'FAIL ({bad})'}; membership AUC "
+                  f"{pm['value']:.3f}, band [{pm['low']:.3f}, {pm['high']:.3f}] ({how}; "
+                  f"paired standard error {se:.3f}, the deviation from the references' mean "
+                  f"is {abs(pm['value'] - pm['ref_mean']) / se:.1f}"
+                  " standard errors).", ""]
     return lines
 
 
 NOTES = """## Reading the results
 
-* Retraining itself scores the deleted pairs far above never-seen pairs when the deletion is
-  a random sample of interactions: a user's deleted items are still items liked by users
-  like them, so the collaborative signal ranks them high without the edge. "Deleted pairs no
-  higher than random non-interacted pairs" is therefore a stronger demand than "as if never
-  trained on them"; on random interactions no method here meets it, and pushing UnlearnRec
-  towards it costs ranking quality (the trade-off table: a larger λ_unlearn lowers the
-  deleted pairs' scores and Recall@20 together). For whole users retraining does meet it
-  (the user's embedding is never trained), and in this run so did the influence update,
-  sharded retraining and UnlearnRec, not fine-tuning.
+* Settings. The backbone (lr 1e-2, 40 epochs) and UnlearnRec's unlearning loss (global
+  reference, floor 1, λ_unlearn 1) were chosen on the validation split above; nothing was
+  tuned on these test numbers. The earlier backbone (lr 5e-3, 80 epochs, picked on the test
+  split) trained twice as long, which is why retraining now takes about 10 s instead of
+  about 47 s and every speed-up is about half of the earlier run's (UnlearnRec 29× instead
+  of 65×: the 50× aim is missed, the 10× target met; UnlearnRec's own time also fell,
+  0.73 s to 0.35 s, on a quieter machine).
+* Random interactions: no method meets "deleted pairs no higher than random non-interacted
+  pairs", and retraining does not either: it scores the deleted pairs 4.9 against 0.70 for
+  never-seen pairs, and only 2 % of them fall below their own user's never-seen level,
+  because a user's deleted items are still items liked by users like them. The target asks
+  for more than "as if never trained on them". The trade-off table shows what pushing
+  towards it costs UnlearnRec: λ_unlearn 2 lowers the deleted-pair mean from 4.29 to 3.67
+  for −5.9 % Recall@20, λ_unlearn 4 to 2.13 for −30 %, and the per-user reference to 3.97 for
+  −7.5 %; none gets more than 2 % of the deleted pairs below their user's level. The
+  default stays within 3 % of retraining (−2.0 %) and sits at a membership AUC close to
+  retraining's (0.927 vs 0.914).
+* Whole users: retraining, the influence step, sharded retraining and UnlearnRec all score
+  the deleted pairs below never-seen pairs (3/3 seeds); fine-tuning does not forget (the
+  user's embedding gets no gradient once it has no interactions). UnlearnRec's membership AUC
+  is 0.50 against retraining's 0.42: it forgets whole users a little *less* than retraining
+  (the floor that stops over-forgetting small requests also stops the encoder from driving
+  these users' scores below random ones; without it, the previous default, 0.44). A
+  two-sided membership certificate with the default 0.05 floor would flag that. On
+  validation no configuration of the grid stayed within 0.05 of retraining's membership AUC
+  on every request type (means over seeds): each misses somewhere, by over-forgetting the
+  small mixed request (most floorless ones, by up to 0.26), under-forgetting whole users
+  (most floored ones, by 0.06–0.47) or over-forgetting random interactions (λ_unlearn 4, by
+  up to 0.12). The selection rule therefore bounded only over-forgetting.
 * Sharded retraining pays for its exactness with the ensemble's quality (each shard model
   sees a quarter of the users) and, with 5 % of the interactions or users deleted at random,
   every shard almost surely holds some of them, so every shard is retrained.
 * The MIA AUC of the retrained model is the reference: below it a method over-forgets
   (deleted pairs look *less* like members than under retraining, itself a signal that they
   were deleted), above it the model still remembers. Fine-tuning stays at the original
-  model's AUC: it does not forget.
+  model's AUC.
 * The never-seen mean moves with the method too: UnlearnRec's unlearning step lowers scores
-  beyond the deleted pairs (with λ_unlearn 3 visibly so), which is part of its recall cost.
-* Times: other jobs shared the 2-core machine during the run, so absolute seconds are
-  noisy; each speed-up is computed from runs made back to back on the same request.
-* UnlearnRec's defaults (λ_unlearn 1, λ_preserve 1, 10 fine-tuning steps, 150 pre-training
-  steps) were chosen on development runs on this same data (the seed-0 model, other random
-  requests, Recall@20 on the same test split), not on a separate validation split: treat
-  the default row as tuned, and the trade-off table as the more honest picture.
+  beyond the deleted pairs (0.58 vs 0.70 on random interactions; with λ_unlearn 4 down to
+  0.01), which is part of its recall cost.
+* Times: each speed-up is computed from runs made back to back on the same request under
+  the timing lock (one timing run on the machine at a time); seconds below about 2 s are
+  noisy.
 """
 
 
