@@ -579,7 +579,8 @@ def md_scaling(res: dict) -> list[str]:
 
 def md_speedup(res: dict) -> list[str]:
     s = res["setup"]
-    lines = ["## Before / after this change (ours only)", ""] + header(res) + [
+    lines = [f"## Before / after (ours only): revision {s['before_sha']} against the tree of "
+             f"{res['date'][:10]}", ""] + header(res) + [
         f"Each method run once with the `unlearn` package of revision `{s['before_sha']}` "
         "(extracted by `git archive`) and once with the working tree, one after the other in "
         f"fresh processes, {s['threads']} torch thread(s); MNIST 5,000 train / 500 query, "
