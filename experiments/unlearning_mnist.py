@@ -654,7 +654,7 @@ def work_bound(runs: list[dict[str, Any]], kind: str) -> str | None:
         retain = d.get("retain_batches_used", 0) * batch
         guard = d.get("forget_guard")
         # the guard: one forward before the step and one per try; Armijo: one per try
-        guard_fw = 0 if guard is None else (2 + guard["halvings"]) * 2 * batch
+        guard_fw = 0 if guard is None else (2 + guard["halvings"]) * guard.get("batches", 1) * batch
         armijo_fw = (d.get("retain_steps", 0) + d.get("retain_halvings", 0)) * batch
         work.append(n_forget + retain + (guard_fw + armijo_fw) / 3)
         parts.append((n_forget, retain, guard_fw + armijo_fw))

@@ -301,7 +301,8 @@ class IAU(RemovalMethod):
                     k == self.max_halvings):
                 break
             factor /= 2
-        return factor * step, {"halvings": k, "step_factor": factor, "retain_loss_before": before,
+        return factor * step, {"halvings": k, "step_factor": factor, "batches": len(guard),
+                               "retain_loss_before": before,
                                "retain_loss_after": after,
                                "rise_ok": math.isfinite(after)
                                and after - before <= self.max_forget_rise}
