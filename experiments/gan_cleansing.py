@@ -34,6 +34,7 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -227,43 +228,44 @@ def _ms(values: list[float], scale: float = 1.0, fmt: str = "+.2f") -> str:
     return f"{v.mean():{fmt}} ± {v.std():.2f}" if len(v) > 1 else f"{v[0]:{fmt}}"
 
 
-def _table(runs: list[dict], mode: str, key: str, scale: float, methods: list[str]) -> list[str]:
+def _rate_table(runs: list[dict], mode: str, methods: list[str],
+                cell: Callable[[list[list[dict]], str], str]) -> list[str]:
+    """One row per removal rate, one column per method; ``cell(rows, method)`` gets the rows
+    of that mode and rate from every seed (a list per seed)."""
     rates = sorted({r["rate"] for run in runs for r in run["rows"] if r["mode"] == mode})
     lines = ["| removal rate | " + " | ".join(methods) + " |",
              "| --- |" + " --- |" * len(methods)]
     for rate in rates:
-        cells = []
-        for m in methods:
-            vals = [r[key] for run in runs for r in run["rows"]
-                    if r["mode"] == mode and r["rate"] == rate and r["method"] == m]
-            cells.append(_ms(vals, scale) if vals else "—")
-        lines.append(f"| {rate:.0%} | " + " | ".join(cells) + " |")
+        per_seed = [[r for r in run["rows"] if r["mode"] == mode and r["rate"] == rate]
+                    for run in runs]
+        lines.append(f"| {rate:.0%} | " + " | ".join(cell(per_seed, m) for m in methods) + " |")
     return lines
+
+
+def _table(runs: list[dict], mode: str, key: str, scale: float, methods: list[str]) -> list[str]:
+    def cell(per_seed: list[list[dict]], m: str) -> str:
+        vals = [r[key] for rows in per_seed for r in rows if r["method"] == m]
+        return _ms(vals, scale) if vals else "—"
+
+    return _rate_table(runs, mode, methods, cell)
 
 
 def _vs_random(runs: list[dict], mode: str, key: str, scale: float, methods: list[str],
                higher_is_better: bool) -> list[str]:
     """Per-seed paired difference (method − random) and the number of seeds where the method
     did better than random."""
-    rates = sorted({r["rate"] for run in runs for r in run["rows"] if r["mode"] == mode})
-    lines = ["| removal rate | " + " | ".join(methods) + " |",
-             "| --- |" + " --- |" * len(methods)]
-    for rate in rates:
-        cells = []
-        for m in methods:
-            diffs = []
-            for run in runs:
-                got = {r["method"]: r[key] for r in run["rows"]
-                       if r["mode"] == mode and r["rate"] == rate}
-                if m in got and "random" in got:
-                    diffs.append((got[m] - got["random"]) * scale)
-            if not diffs:
-                cells.append("—")
-                continue
-            wins = sum((d > 0) if higher_is_better else (d < 0) for d in diffs)
-            cells.append(f"{np.mean(diffs):+.2f} ± {np.std(diffs):.2f} ({wins}/{len(diffs)})")
-        lines.append(f"| {rate:.0%} | " + " | ".join(cells) + " |")
-    return lines
+    def cell(per_seed: list[list[dict]], m: str) -> str:
+        diffs = []
+        for rows in per_seed:
+            got = {r["method"]: r[key] for r in rows}
+            if m in got and "random" in got:
+                diffs.append((got[m] - got["random"]) * scale)
+        if not diffs:
+            return "—"
+        wins = sum((d > 0) if higher_is_better else (d < 0) for d in diffs)
+        return f"{np.mean(diffs):+.2f} ± {np.std(diffs):.2f} ({wins}/{len(diffs)})"
+
+    return _rate_table(runs, mode, methods, cell)
 
 
 def _mnist_section(data: dict, title: str) -> list[str]:

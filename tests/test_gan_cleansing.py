@@ -311,6 +311,9 @@ def test_cli_gan_cleanse_bad_arguments(tmp_path, capsys):
         _cli(["gan-cleanse", "--fraction", "1.5"])
     assert "fraction" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        _cli(["gan-cleanse", "--momentum", "1"])
+    assert "momentum" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         _cli(["gan-cleanse", "--selection", "loss"])
     from unlearn.cli import UserError
 

@@ -18,33 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from unlearn.cli import positive_float, positive_int
+from unlearn.cli import positive_float, positive_int, unit_fraction
 
 __all__ = ["add_parser", "run"]
 
 SELECTIONS = ("influence", "discriminator_loss", "random", "isolation_forest")
 MODES = ("replay", "retrain")
 DEFAULT_MNIST = Path("../shared/data/mnist-t10k")
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
-    return value
-
-
-def _momentum(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -62,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--dataset", choices=("2d", "mnist"), default="2d",
                    help="2d (default) or mnist")
-    p.add_argument("--fraction", type=_fraction, default=0.1,
+    p.add_argument("--fraction", type=unit_fraction, default=0.1,
                    help="fraction of the training set to remove (default: 0.1)")
     p.add_argument("--selection", choices=SELECTIONS, default="influence",
                    help="how harmful instances are chosen (default: influence)")
@@ -85,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--lr", type=positive_float, default=None,
                    help="SGD learning rate of both players (default: 0.01 for 2d, 0.02 for "
                    "mnist)")
-    p.add_argument("--momentum", type=_momentum, default=None,
+    p.add_argument("--momentum", type=unit_fraction, default=None,
                    help="SGD momentum of both players (default: 0 for 2d, 0.5 for mnist)")
     p.add_argument("--mnist-root", type=Path, default=DEFAULT_MNIST,
                    help="folder with t10k-images-idx3-ubyte(.gz) and t10k-labels (default: "
