@@ -172,8 +172,7 @@ def evaluate(model: nn.Module, ld: dict[str, DataLoader], seed: int) -> dict[str
     """Accuracies and the MIA efficacy, hard (share of forget digits called non-member) and
     soft (mean non-member probability): the hard one is what papers report, the soft one is
     what the gap uses, since the hard one is dominated by noise where the attack is near
-    chance (measured: one LeNet's hard efficacy ranged 0.05 to 0.62 over three attack fits that
-    differed only in their balanced subsample; the soft one stayed within 0.502-0.504)."""
+    chance (``experiments/mia_noise.py`` measures how much each moves between attack fits)."""
     mia = mia_efficacy(model, forget=ld["forget"], retain=ld["retain"], test=ld["test"],
                        seed=seed)
     return {"forget_acc": accuracy(model, ld["forget"]),
@@ -790,13 +789,10 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
              "unlearning at all is never on the front; retraining is on it by definition (gap "
              "0). Methods that failed (NaN) in some seed are left off the front. Why the gap "
              "uses the soft efficacy: where the attack is near chance (the CNN generalises "
-             "well, so members and non-members look alike; attack training accuracy 0.50-0.52) "
+             "well, so members and non-members look alike) "
              "its probabilities all sit near 1/2 and the hard decision flips for most forget "
-             "digits with tiny moves of the fitted boundary. Measured on one LeNet (seed 0, 10% "
-             "random): three attack fits differing only in their balanced subsample gave hard "
-             "efficacies 0.07, 0.37 and 0.40 for the retrained model and 0.07, 0.05 and 0.62 "
-             "for IAU + EK-FAC, against soft efficacies 0.501-0.503 for both. The hard column "
-             "then measures the attack's noise, not the model.", "",
+             "digits with tiny moves of the fitted boundary, and the hard column then measures "
+             "the attack's noise, not the model.", "",
              "Training recipes: " + "; ".join(
                  f"{k.upper()}: {v}" for k, v in meta["recipes"].items()) + ".", "",
              "Hyper-parameters: baselines at their documented defaults except the values "
@@ -827,6 +823,11 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
     from unlearning_tuning import TUNED, load_tuned, report_lines
 
     lines += report_lines(meta["tuned"] if "tuned" in meta else load_tuned(TUNED))
+    noise = ROOT / "experiments/out/mia_noise.json"
+    if noise.exists():
+        from mia_noise import sentence
+
+        lines += ["How noisy each efficacy is: " + sentence(json.loads(noise.read_text())), ""]
     if TUNING.exists():
         tune = json.loads(TUNING.read_text())
         per = "; ".join(f"{k.upper()}: " + ", ".join(f"λ={d} → {g:.2f} pp" for d, g in
