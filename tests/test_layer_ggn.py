@@ -16,6 +16,7 @@ from unlearn.influence import (
     LiSSAInfluence,
     layer_ggn,
 )
+from unlearn.influence import exact as exact_mod
 from unlearn.influence import grads as grads_mod
 from unlearn.influence.grads import ParamSpace, curvature_product, iter_grads
 from unlearn.tasks import ClassificationTask, RegressionTask
@@ -219,8 +220,10 @@ def test_exact_with_always_zero_inputs_equals_the_dense_solve(cache, monkeypatch
     assert float((est.factors["curvature"] - H).abs().max()) <= 1e-12 * float(H.abs().max())
     zero_rows = int((H == 0).all(dim=1).sum())
     assert zero_rows == 2 * 8  # the weights of inputs 1 and 4 into the 8 hidden units
-    if cache:  # built and factorised without those rows
-        assert est._rows is not None and len(est._rows) == est.space.numel - zero_rows
+    if cache:  # built and factorised without those rows, and without the softmax's
+        # all-ones output direction of the last layer (its 8 inputs and the bias)
+        assert est._rows is not None
+        assert len(est._rows) == est.space.numel - zero_rows - 9
     V = torch.randn(4, est.space.numel, dtype=torch.float64)  # non-zero on those weights too
     truth = torch.linalg.solve(H + lam * torch.eye(H.shape[0], dtype=torch.float64), V.T).T
     torch.testing.assert_close(est.inverse_hvp(V), truth, rtol=1e-9, atol=1e-12)
@@ -266,3 +269,62 @@ def test_eigen_scores_without_unreached_input_directions_equal_the_dense_path(co
     torch.testing.assert_close(est.self_influence(train),
                                InfluenceEstimator.self_influence(est, train),
                                rtol=1e-10, atol=1e-13)
+
+
+# ------------------------------------------------ Exact: output directions no example reaches
+def exact_against_dense(model, task, x, y, lam=1e-3):
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    est = ExactInfluence(model, task, lam, curvature="ggn", progress=False).fit(loader)
+    H = dense_ggn(model, task, x, y)
+    V = torch.randn(5, est.space.numel, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(2))
+    truth = torch.linalg.solve(H + lam * torch.eye(H.shape[0], dtype=torch.float64), V.T).T
+    return est, H, V, truth
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("name", ["lr", "mlp", "mlp-nobias"])
+def test_exact_rotates_out_the_softmax_null_direction(name, smoothing, monkeypatch, tmp_path):
+    model, _, x, y = case(name)
+    task = ClassificationTask(label_smoothing=smoothing)
+    est, H, V, truth = exact_against_dense(model, task, x, y)
+    assert est.solver == "cholesky" and est._basis is not None
+    last = est._basis.rot[-1]
+    assert last is not None and last.shape == (4, 3)  # 4 classes: 3 directions kept
+    ones = torch.ones(4, dtype=torch.float64) / 2
+    assert float((last.T @ ones).abs().max()) <= 1e-12  # the one left out is all-ones
+    assert float((est.factors["curvature"] - H).abs().max()) <= 1e-12 * float(H.abs().max())
+    got = est.inverse_hvp(V)
+    torch.testing.assert_close(got, truth, rtol=1e-9, atol=1e-12)
+    # and the same as the unrotated build to rounding
+    monkeypatch.setattr(exact_mod, "_reached_outputs", lambda g: None)
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    plain = ExactInfluence(model, task, 1e-3, curvature="ggn", progress=False).fit(loader)
+    assert plain._basis is None
+    torch.testing.assert_close(got, plain.inverse_hvp(V), rtol=1e-10, atol=1e-12)
+    est.save(tmp_path / "e")  # saved dense, loaded on the flat rows
+    back = ExactInfluence.load(tmp_path / "e", model, task)
+    torch.testing.assert_close(back.inverse_hvp(V), truth, rtol=1e-9, atol=1e-12)
+
+
+def test_exact_regression_has_no_null_output_direction():
+    model, _, x, _ = case("mlp")
+    y = torch.randn(x.shape[0], 4, dtype=torch.float64, generator=torch.Generator()
+                    .manual_seed(3))
+    est, _, V, truth = exact_against_dense(model, RegressionTask(), x, y)
+    assert est.solver == "cholesky" and est._basis is None
+    torch.testing.assert_close(est.inverse_hvp(V), truth, rtol=1e-9, atol=1e-12)
+
+
+def test_exact_rotation_in_float32():
+    model, task, x, y = case("mlp")
+    model, x = model.float(), x.float()
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    est = ExactInfluence(model, task, 1e-2, curvature="ggn", progress=False).fit(loader)
+    assert est._basis is not None and est._basis.rot[-1].shape == (4, 3)
+    H = dense_ggn(model.double(), task, x.double(), y)
+    V = torch.randn(3, est.space.numel, generator=torch.Generator().manual_seed(4))
+    truth = torch.linalg.solve(H + 1e-2 * torch.eye(H.shape[0], dtype=torch.float64),
+                               V.double().T).T
+    got = est.inverse_hvp(V).double()
+    assert float((got - truth).norm()) <= 1e-4 * float(truth.norm())

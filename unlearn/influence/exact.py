@@ -112,16 +112,19 @@ class ExactInfluence(InfluenceEstimator):
         dtype = next(self.model.parameters()).dtype
         H = None
         if self.curvature == "ggn":
-            built = _layer_ggn(self, train_loader)
-            if built is not None and "_reduce_curvature" not in vars(self):
-                # keep the built block (rows ``order`` of the flat matrix) and factorise it
-                # directly; the dense matrix is made only when asked for (save, eigh)
-                block, order = built
+            # across processes the dense matrices are summed: no output rotation there
+            local = "_reduce_curvature" not in vars(self)
+            built = _layer_ggn(self, train_loader, rotate=local)
+            if built is not None and local:
+                # keep the built block (rows ``order`` of the flat matrix, or rotated output
+                # directions of them) and factorise it directly; the dense matrix is made
+                # only when asked for (save, eigh)
+                block, order, basis = built
                 self.build = "layers"
                 P = self.space.numel
-                self._set_block(block, order.to(block.device), P, dtype)
+                self._set_block(block, order.to(block.device), P, dtype, basis)
                 return
-            H = None if built is None else _dense(*built, self.space.numel)
+            H = None if built is None else _dense(built[0], built[1], self.space.numel)
         if H is not None:
             self.build = "layers"
         else:
@@ -171,6 +174,7 @@ class ExactInfluence(InfluenceEstimator):
 
         self.factors = _Factors(f, eigen)
         self._rows: Tensor | None = None
+        self._basis: _OutputBasis | None = None
         if self.damping > 0 and not self.clip_negative:
             A = H.double()
             order = f.get("order")
@@ -186,22 +190,33 @@ class ExactInfluence(InfluenceEstimator):
         self.solver = "eigh"
         self.factors["eigenvalues"]  # noqa: B018 -- decompose now, not on the first query
 
-    def _set_block(self, block: Tensor, order: Tensor, P: int, dtype: torch.dtype) -> None:
+    def _set_block(self, block: Tensor, order: Tensor, P: int, dtype: torch.dtype,
+                   basis: _OutputBasis | None = None) -> None:
         """After a layer-wise build: ``block`` is the float64 curvature on the flat rows
-        ``order`` (every other row and column is zero)."""
+        ``order`` (every other row and column is zero), or with ``basis`` on the rotated
+        output directions of those rows (the directions left out are null)."""
         def dense() -> Tensor:
+            if basis is not None:
+                return basis.dense(block, P).to(dtype)
             return _dense(block, order, P).to(dtype)
 
         def eigen() -> tuple[Tensor, Tensor]:
             evals, evecs = torch.linalg.eigh(self.factors["curvature"].double())
             return evals.to(dtype), evecs.to(dtype)
 
-        self._chol, self._rows = None, None
+        self._chol, self._rows, self._basis = None, None, None
         self.factors = _Factors({"order": order.cpu()}, eigen, dense)
         if self.damping > 0 and not self.clip_negative:
-            A, rows = _drop_zero_rows(block.to(dtype).double(), order)
-            if self._factorise(A, rows, P):
-                return
+            if basis is not None:
+                rows = torch.arange(block.shape[0], device=block.device)
+                A, rows = _drop_zero_rows(block.to(dtype).double(), rows)
+                if self._factorise(A, rows, block.shape[0]):
+                    self._basis, self._rows = basis, rows
+                    return
+            else:
+                A, rows = _drop_zero_rows(block.to(dtype).double(), order)
+                if self._factorise(A, rows, P):
+                    return
         self.solver = "eigh"
         self.factors["eigenvalues"]  # noqa: B018 -- decompose now, not on the first query
 
@@ -228,6 +243,14 @@ class ExactInfluence(InfluenceEstimator):
         return torch.linalg.solve_triangular(L.T, Y, upper=True).T
 
     def _precondition(self, G: Tensor) -> Tensor:
+        if self._chol is not None and self._basis is not None:
+            # (H + λI)⁻¹ = I/λ + E[(A + λI)⁻¹ − I/λ]Eᵀ, E the block's orthonormal coordinates
+            Gd = G.double()
+            Z = self._basis.to_block(Gd)
+            W = torch.zeros_like(Z)
+            rows = self._rows if self._rows is not None else slice(None)
+            W[:, rows] = self._chol_solve(Z[:, rows]) - Z[:, rows] / self.damping
+            return (Gd / self.damping + self._basis.from_block(W, G.shape[1])).to(G.dtype)
         if self._chol is not None:
             if self._rows is None:
                 return self._chol_solve(G.double()).to(G.dtype)
@@ -267,17 +290,25 @@ def _dense(block: Tensor, order: Tensor, P: int) -> Tensor:
     return out
 
 
-def _layer_ggn(est: ExactInfluence, loader: DataLoader) -> tuple[Tensor, Tensor] | None:
+def _layer_ggn(est: ExactInfluence, loader: DataLoader, rotate: bool = True
+               ) -> tuple[Tensor, Tensor, _OutputBasis | None] | None:
     """The Gauss-Newton matrix (sum over ``loader``, divided by its size), assembled from
-    layer hooks, as ``(block, order)``: the matrix on the flat parameter rows ``order``
-    (the others are zero; see :func:`_dense`); ``None`` where that does not apply
-    (a parameter outside Linear / Conv2d layers, a layer called more than once or at
-    several positions, an embedding, outputs above ``max_outputs``).
+    layer hooks, as ``(block, order, basis)``: with ``basis`` None, the matrix on the flat
+    parameter rows ``order`` (the others are zero; see :func:`_dense`), else on the rotated
+    output directions of those rows (see :class:`_OutputBasis`); ``None`` where that does
+    not apply (a parameter outside Linear / Conv2d layers, a layer called more than once or
+    at several positions, an embedding, outputs above ``max_outputs``).
 
     While the batches' factors fit in ``layer_ggn.CACHE_BYTES`` they are all kept and the
     matrix is built once from them, for the layer inputs that are non-zero in some example
     only: a weight whose input is zero for every training example (a border pixel of MNIST)
-    has an all-zero row and column, which are left zero without computing them."""
+    has an all-zero row and column, which are left zero without computing them. Likewise
+    (with ``rotate``) for the output directions ``u`` of a layer that no example's
+    output-gradient factors reach (``Σ_bk (uᵀg_bk)² = 0`` to the factors' precision): every
+    ``u ⊗ v`` is then a null direction of the whole matrix. Softmax cross-entropy has one at
+    the last layer, the all-ones direction (each example's output Hessian
+    ``diag(p) − ppᵀ`` annihilates it): the layer's outputs are rotated onto the others
+    (9 of 10 for MNIST), and the rest of ``(H + λI)⁻¹`` is ``1/λ`` there."""
     from unlearn.influence.layer_ggn import CACHE_BYTES, layer_ggn_factors, merge_factors
 
     model, task, space = est.model, est.task, est.space
@@ -285,7 +316,7 @@ def _layer_ggn(est: ExactInfluence, loader: DataLoader) -> tuple[Tensor, Tensor]
     if layers is None or any(layer.diagonal_a for layer in layers):
         return None
     clone = _CLONE.setdefault(model, set())
-    build = _KronBuild(layers, est.build_dtype)
+    build = _KronBuild(layers, est.build_dtype, rotate)
     pending: list[Any] | None = []  # every batch's factors, while they fit
     held, n = 0, 0
     total = len(loader) if hasattr(loader, "__len__") else None
@@ -316,15 +347,57 @@ def _layer_ggn(est: ExactInfluence, loader: DataLoader) -> tuple[Tensor, Tensor]
     return build.finish(space, n)
 
 
+class _OutputBasis:
+    """Coordinates of a layer-wise build with rotated outputs: layer l's rows of the block
+    are its ``r_l`` output directions ``rot[l]`` (``[d_out, r_l]``, orthonormal columns;
+    ``None``: all outputs, unrotated) times its kept inputs, whose flat parameter positions
+    are ``pos[l]`` (``[d_out, d_in_l]``). The map from block to flat coordinates ``E`` has
+    orthonormal columns."""
+
+    def __init__(self, pos: list[Tensor], rot: list[Tensor | None]) -> None:
+        self.pos, self.rot = pos, rot
+
+    def to_block(self, G: Tensor) -> Tensor:
+        """Rows of ``G`` ``[q, P]`` in block coordinates ``[q, m]`` (``G E``)."""
+        parts = []
+        for pos, rot in zip(self.pos, self.rot, strict=True):
+            x = G[:, pos]  # [q, d_out, d_in_l]
+            if rot is not None:
+                x = torch.einsum("qoi,or->qri", x, rot.to(G.dtype))
+            parts.append(x.reshape(G.shape[0], -1))
+        return torch.cat(parts, dim=1)
+
+    def from_block(self, Z: Tensor, P: int) -> Tensor:
+        """Rows of ``Z`` ``[q, m]`` in flat coordinates ``[q, P]`` (zero off the block)."""
+        out = Z.new_zeros(Z.shape[0], P)
+        s = 0
+        for pos, rot in zip(self.pos, self.rot, strict=True):
+            r = pos.shape[0] if rot is None else rot.shape[1]
+            x = Z[:, s : s + r * pos.shape[1]].reshape(Z.shape[0], r, pos.shape[1])
+            s += r * pos.shape[1]
+            if rot is not None:
+                x = torch.einsum("qri,or->qoi", x, rot.to(Z.dtype))
+            out[:, pos] = x
+        return out
+
+    def dense(self, block: Tensor, P: int) -> Tensor:
+        """The ``P × P`` matrix ``E · block · Eᵀ``."""
+        half = self.from_block(block, P)  # block is symmetric: rows E·block
+        return self.from_block(half.T.contiguous(), P)
+
+
 class _KronBuild:
     """Upper Kronecker blocks ``Σ_b (Σ_k g_bk g_bkᵀ) ⊗ a_b a_bᵀ`` of the layer-wise
     Gauss-Newton sum, over the kept input columns of each layer (all, or the non-zero ones,
-    fixed by the first ``add``)."""
+    fixed by the first ``add``) and, with ``rotate`` and a first ``add`` over all the data
+    (``keep`` given), over the output directions its ``g`` reach (see :func:`_layer_ggn`)."""
 
-    def __init__(self, layers: list[Any], dtype: torch.dtype | None) -> None:
-        self.layers, self.dtype = layers, dtype
+    def __init__(self, layers: list[Any], dtype: torch.dtype | None, rotate: bool) -> None:
+        self.layers, self.dtype, self.rotate = layers, dtype, rotate
         self.H: Tensor | None = None
         self.cols: list[Tensor] = []  # kept input columns per layer
+        self.rot: list[Tensor | None] = [None] * len(layers)  # kept output directions
+        self.dout: list[int] = [layer.d_out for layer in layers]
 
     def add(self, f: Any, keep: list[Tensor] | None) -> None:
         layers = self.layers
@@ -333,32 +406,38 @@ class _KronBuild:
                          else k.nonzero().squeeze(1)
                          for layer, a, k in zip(layers, f.a, keep or [None] * len(layers),
                                                 strict=True)]
-            size = sum(layer.d_out * len(c) for layer, c in zip(layers, self.cols, strict=True))
+            if keep is not None and self.rotate:
+                self.rot = [_reached_outputs(g) for g in f.g]
+                self.dout = [d if u is None else u.shape[1]
+                             for d, u in zip(self.dout, self.rot, strict=True)]
+            size = sum(d * len(c) for d, c in zip(self.dout, self.cols, strict=True))
             self.H = torch.zeros(size, size, dtype=torch.float64, device=f.g[0].device)
         a = [x[:, 0, c] for x, c in zip(f.a, self.cols, strict=True)]
-        din = [len(c) for c in self.cols]
-        sizes = [layer.d_out * d for layer, d in zip(layers, din, strict=True)]
+        g = [x if u is None else x @ u.to(x.dtype) for x, u in zip(f.g, self.rot, strict=True)]
+        din, dout = [len(c) for c in self.cols], self.dout
+        sizes = [do * d for do, d in zip(dout, din, strict=True)]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        for i, li in enumerate(layers):
+        for i in range(len(layers)):
             for j in range(i, len(layers)):
                 block = self.H[offsets[i] : offsets[i] + sizes[i],
                                offsets[j] : offsets[j] + sizes[j]]
-                _add_kron_block(block.view(li.d_out, din[i], layers[j].d_out, din[j]),
-                                f.g[i], a[i], f.g[j], a[j], same=i == j, dtype=self.dtype)
+                _add_kron_block(block.view(dout[i], din[i], dout[j], din[j]),
+                                g[i], a[i], g[j], a[j], same=i == j, dtype=self.dtype)
 
-    def finish(self, space: Any, n: int) -> tuple[Tensor, Tensor]:
+    def finish(self, space: Any, n: int) -> tuple[Tensor, Tensor, _OutputBasis | None]:
         """Mirror the lower halves and divide by ``n``; return the block with the flat
-        parameter positions of its rows."""
+        parameter positions of its (unrotated) rows and, where outputs were rotated, the
+        block's coordinates."""
         H, layers = self.H, self.layers
         assert H is not None
-        din = [len(c) for c in self.cols]
-        sizes = [layer.d_out * d for layer, d in zip(layers, din, strict=True)]
+        din, dout = [len(c) for c in self.cols], self.dout
+        sizes = [do * d for do, d in zip(dout, din, strict=True)]
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        for i, li in enumerate(layers):  # lower blocks, lower diagonal rows
+        for i in range(len(layers)):  # lower blocks, lower diagonal rows
             rows = slice(offsets[i], offsets[i] + sizes[i])
-            diag = H[rows, rows].view(li.d_out, din[i], li.d_out, din[i])
-            for o in range(li.d_out):
-                for o2 in range(o + 1, li.d_out):
+            diag = H[rows, rows].view(dout[i], din[i], dout[i], din[i])
+            for o in range(dout[i]):
+                for o2 in range(o + 1, dout[i]):
                     diag[o2, :, o, :] = diag[o, :, o2, :].T
             for j in range(i + 1, len(layers)):
                 cols = slice(offsets[j], offsets[j] + sizes[j])
@@ -368,9 +447,25 @@ class _KronBuild:
         P = space.numel
         flat = torch.arange(P, device=H.device).unsqueeze(0).to(torch.float64)
         parts = space.unflatten(flat)
-        pos = torch.cat([layer.to_matrix(parts)[0][:, c].reshape(-1)
-                         for layer, c in zip(layers, self.cols, strict=True)]).long()
-        return H, pos
+        pos = [layer.to_matrix(parts)[0][:, c].long()
+               for layer, c in zip(layers, self.cols, strict=True)]
+        order = torch.cat([p.reshape(-1) for p in pos])
+        if all(u is None for u in self.rot):
+            return H, order, None
+        return H, order, _OutputBasis(pos, self.rot)
+
+
+def _reached_outputs(g: Tensor) -> Tensor | None:
+    """Orthonormal columns spanning the output directions that the factors ``g``
+    ``[B, K, d_out]`` of all examples reach, or ``None`` where that is all of them: an
+    eigenvalue of ``Σ_bk g_bk g_bkᵀ`` at or below ``max · d_out · eps`` (the precision
+    ``g`` was computed in) counts as zero."""
+    S = torch.einsum("bko,bkp->op", g.double(), g.double())
+    evals, evecs = torch.linalg.eigh(S)
+    keep = evals > float(evals.max()) * S.shape[0] * torch.finfo(g.dtype).eps
+    if bool(keep.all()) or not bool(keep.any()):
+        return None
+    return evecs[:, keep]
 
 
 def _add_kron_block(out: Tensor, gi: Tensor, ai: Tensor, gj: Tensor, aj: Tensor, same: bool,
