@@ -54,6 +54,26 @@ def test_linear_regression_exact_fisher_is_the_ggn(cls):
 
 
 @pytest.mark.parametrize("cls", ESTIMATORS)
+def test_inputs_no_example_reaches_stay_exact(cls):
+    """Two input features are 0 in every example (as MNIST's border pixels): the activation
+    eigenbasis keeps them as exact unit vectors of eigenvalue 0, the inverse skips them in
+    its rotations (``_precondition_reached``), and the result is still the exact GGN inverse
+    for a linear model with squared loss, for vectors inside and outside the reached span."""
+    model, X, Y = _regression()
+    X[:, [1, 3]] = 0.0
+    loader, task = _loader(X, Y), RegressionTask()
+    exact = ExactInfluence(model, task, 1e-2, curvature="ggn", progress=False).fit(loader)
+    est = cls(model, task, 1e-2, fisher="exact", progress=False).fit(loader)
+    qa, ea = est.factors["(root).qa"], est.factors["(root).ea"]
+    reached = ea > 0
+    assert int((~reached).sum()) == 2
+    assert bool((qa[[1, 3]][:, reached] == 0).all())  # exact zeros, not rounding
+    assert est._reached[est.layers[0].name] is not None  # the skipping path is taken
+    V = torch.randn(4, est.space.numel, dtype=torch.float64)
+    assert _rel(est.inverse_hvp(V), exact.inverse_hvp(V)) < 1e-10
+
+
+@pytest.mark.parametrize("cls", ESTIMATORS)
 def test_true_fisher_approaches_the_ggn_with_many_samples(cls):
     model, X, Y = _regression()
     loader, task = _loader(X, Y), RegressionTask()

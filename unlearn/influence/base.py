@@ -27,7 +27,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from unlearn.influence.grads import ParamSpace, check_loader, iter_grads, model_dtype_device
+from unlearn.influence.grads import (
+    ParamSpace,
+    all_finite,
+    check_loader,
+    iter_grads,
+    model_dtype_device,
+)
 from unlearn.tasks import Task
 
 FORMAT_VERSION = 1
@@ -135,7 +141,7 @@ class InfluenceEstimator:
                 f"inverse_hvp expects a vector of {self.space.numel} entries (or [k, "
                 f"{self.space.numel}]), got shape {tuple(vector.shape)}"
             )
-        if not torch.isfinite(v).all():
+        if not all_finite(v):
             raise ValueError("inverse_hvp got a vector with NaN or inf entries")
         return self._precondition(v.unsqueeze(0))[0] if v.dim() == 1 else self._precondition(v)
 

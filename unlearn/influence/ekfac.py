@@ -159,7 +159,7 @@ class KFACInfluence(InfluenceEstimator):
             if layer.diagonal_a:
                 ea = A.clamp_min(0)
             else:
-                ea, factors[_key(layer, "qa")] = _stable_eigh(A, f"activation ({layer.name!r})")
+                ea, factors[_key(layer, "qa")] = _activation_eigh(A, layer.name)
             eg, factors[_key(layer, "qg")] = _stable_eigh(G, f"gradient ({layer.name!r})")
             factors[_key(layer, "ea")], factors[_key(layer, "eg")] = ea, eg
             factors[_key(layer, "lambda")] = torch.outer(eg, ea)
@@ -307,6 +307,7 @@ class KFACInfluence(InfluenceEstimator):
                                      f"for layer {layer.name!r}, got {got}; were the factors "
                                      "fitted for another model?")
         self._slices = self.space.slices()
+        self._reached = {layer.name: _reached_block(self.factors, layer) for layer in self.layers}
 
     def _precondition(self, G: Tensor) -> Tensor:
         out = torch.empty_like(G)
@@ -320,17 +321,20 @@ class KFACInfluence(InfluenceEstimator):
                     f"layer {layer.name!r}: the curvature has zero eigenvalues and damping=0, "
                     "so (H + λI) is singular; use damping > 0")
             qg = self.factors[_key(layer, "qg")].to(G.dtype)
-            M = qg.T @ layer.to_matrix(parts)
-            if not layer.diagonal_a:
-                qa = self.factors[_key(layer, "qa")].to(G.dtype)
-                M = M @ qa
-            M = qg @ (M / denom)
-            if not layer.diagonal_a:
-                M = M @ qa.T
+            reached = self._reached.get(layer.name)
+            if reached is not None and self.damping > 0:
+                M = _precondition_reached(layer.to_matrix(parts), qg, self.damping, *reached)
+            else:
+                M = qg.T @ layer.to_matrix(parts)
+                if not layer.diagonal_a:
+                    qa = self.factors[_key(layer, "qa")].to(G.dtype)
+                    M = M @ qa
+                M = qg @ (M / denom)
+                if not layer.diagonal_a:
+                    M = M @ qa.T
             for name, t in layer.from_matrix(M).items():
                 out[:, self._slices[name]] = t.reshape(k, -1)
         return out
-
 
     # ----------------------------------------------------------------- scoring
     def _eigen_scoring(self) -> bool:
@@ -612,6 +616,53 @@ def _rank_tol(values: Tensor) -> float:
     if values.numel() == 0:
         return 0.0
     return float(values.max()) * values.shape[-1] * torch.finfo(values.dtype).eps
+
+
+def _reached_block(factors: dict[str, Tensor], layer: LayerAdapter
+                   ) -> tuple[Tensor, Tensor] | None:
+    """``(Q, Λ)``: the activation eigenvectors with a non-zero eigenvalue (the input directions
+    some training example reaches) and their columns of the eigenvalue matrix, when some
+    eigenvalue is 0; ``None`` when every direction is reached or the factor is diagonal."""
+    qa = factors.get(_key(layer, "qa"))
+    if qa is None:
+        return None
+    ea = factors[_key(layer, "ea")].double()
+    cols = ea > _rank_tol(ea)
+    if bool(cols.all()):
+        return None
+    lam = factors[_key(layer, "lambda")]
+    return qa[:, cols].contiguous(), lam[:, cols].contiguous()
+
+
+def _precondition_reached(M: Tensor, qg: Tensor, damping: float, Q: Tensor, lam: Tensor
+                          ) -> Tensor:
+    """``Q_G [(Q_Gᵀ M Q_A) / (Λ + damping)] Q_Aᵀ`` for ``M[k, d_out, d_in]`` when some
+    activation eigenvalues are 0. Along those directions Λ is 0 (no example has an activation
+    there), so their part is ``M P₀ / damping`` with ``P₀ = I − Q Qᵀ`` the projection onto
+    them, and only the reached eigenvectors ``Q`` are multiplied: on the MNIST MLP of
+    ``experiments/unlearning_mnist.py`` the 126 of 785 first-layer input directions that no
+    digit reaches (border pixels) drop out of both rotations."""
+    R = M @ Q
+    X = qg @ ((qg.T @ R) / (lam.to(M.dtype) + damping)) - R / damping
+    return M / damping + X @ Q.T
+
+
+def _activation_eigh(A: Tensor, layer: str) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of an activation covariance whose inputs may include coordinates that
+    are exactly zero in every example (an MNIST border pixel): those are their own
+    eigenvectors with eigenvalue 0, so only the block of the other coordinates is decomposed.
+    The eigenvectors then have exact zeros in the dead rows, which :meth:`_precondition`
+    uses to skip them."""
+    live = A.diagonal() > 0
+    if bool(live.all()) or not bool(live.any()):
+        return _stable_eigh(A, f"activation ({layer!r})")
+    idx = live.nonzero().squeeze(1)
+    ea_live, q_live = _stable_eigh(A[idx][:, idx], f"activation ({layer!r})")
+    d, n_dead = A.shape[0], A.shape[0] - idx.numel()
+    q = torch.zeros(d, d, dtype=q_live.dtype, device=q_live.device)
+    q[(~live).nonzero().squeeze(1), torch.arange(n_dead, device=q.device)] = 1.0
+    q[idx.unsqueeze(1), torch.arange(n_dead, d, device=q.device)] = q_live
+    return torch.cat([ea_live.new_zeros(n_dead), ea_live]), q
 
 
 def _stable_eigh(C: Tensor, what: str) -> tuple[Tensor, Tensor]:

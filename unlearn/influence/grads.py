@@ -111,11 +111,20 @@ def check_loader(loader: DataLoader, what: str, ordered: bool = True) -> None:
         raise ValueError(f"{what} is empty: its dataset has no examples")
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether ``t`` has no NaN or inf, by one float64 reduction (a NaN or inf anywhere makes
+    the sum non-finite; float32 or smaller values cannot overflow a float64 sum): several
+    times faster than ``isfinite(t).all()``, which it falls back to for float64 tensors."""
+    if t.dtype == torch.float64 or not t.is_floating_point():
+        return bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+
+
 def check_finite_batch(batch: Any) -> None:
     """Raise a ValueError if any floating tensor of a batch holds NaN or inf."""
     leaves = [t for t in tree_flatten(batch)[0] if isinstance(t, Tensor) and t.is_floating_point()]
     for i, t in enumerate(leaves):
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(
                 f"a batch holds NaN or inf: {bad} non-finite value(s) in its floating tensor "
@@ -171,7 +180,7 @@ def per_sample_grads(
 
 
 def _check_finite_grads(flat: Tensor) -> None:
-    if not torch.isfinite(flat.sum()):  # one reduction; NaN or inf anywhere propagates
+    if not all_finite(flat):
         raise FloatingPointError(
             "per-sample gradients contain NaN or inf: check the model weights and inputs"
         )

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from unlearn.data import IndexedDataset, iter_batches, split_by_ids
-from unlearn.influence.grads import ParamSpace, to_model
+from unlearn.influence.grads import ParamSpace, all_finite, to_model
 from unlearn.tasks import Task
 
 
@@ -163,7 +163,7 @@ def loss_grad_sum(model: nn.Module, task: Task, loader: DataLoader, space: Param
     flat = space.flatten(dict(zip(space.names, total, strict=True)))
     if count == 0:
         raise ValueError(f"the {what} loader yielded no examples")
-    if not torch.isfinite(flat).all():
+    if not all_finite(flat):
         raise FloatingPointError(f"the {what} data give a NaN/inf loss gradient; check the {what} "
                                  "data for NaN/inf values and the model weights")
     return flat, count
