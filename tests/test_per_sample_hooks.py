@@ -275,7 +275,10 @@ def test_cholesky_solve_equals_eigen_solve_and_save_load(tmp_path):
     est.save(tmp_path / "e")
     back = ExactInfluence.load(tmp_path / "e", model, TASK)
     assert back.solver == "cholesky"
-    torch.testing.assert_close(back.inverse_hvp(V), est.inverse_hvp(V), rtol=0, atol=0)
+    # the fitted estimator factorised the block with the softmax's all-ones output direction
+    # rotated out, the loaded one the saved dense matrix on the flat rows: equal to rounding
+    assert est._basis is not None and back._basis is None
+    torch.testing.assert_close(back.inverse_hvp(V), est.inverse_hvp(V), rtol=1e-12, atol=0)
     # a file from before the Cholesky path (eigenvalues and eigenvectors only) still loads
     old = ExactInfluence(model, TASK, 1e-2, curvature="ggn", progress=False)
     old.n_train = est.n_train
