@@ -205,6 +205,7 @@ def make_method(name: str, kind: str, seed: int, ctx: dict[str, Any],
 
     rec = RECIPES[kind]
     kw = {**tuned_overrides(getattr(args, "tuned", {}), kind, name), **(overrides or {})}
+    kw.pop("retain_batch_size", None)  # the retain loader's, see method_retain
     if kw and name in ("retrain", "iau_faithful", "newton"):
         raise ValueError(f"{name} takes no tuned hyper-parameters, got {kw}")
     if name == "retrain":
@@ -229,16 +230,28 @@ def make_method(name: str, kind: str, seed: int, ctx: dict[str, Any],
     return simple[name](TASK, seed=seed, **kw)
 
 
-def method_retain(name: str, retain: DataLoader, seed: int, args: argparse.Namespace
-                  ) -> DataLoader:
-    """The retain loader a method gets: IAU reads shuffled batches of 128 (a random
-    subsample for its correction), Fisher a random subsample of ``--fisher-samples``."""
+def method_retain(name: str, retain: DataLoader, seed: int, args: argparse.Namespace,
+                  batch_size: int = 128) -> DataLoader:
+    """The retain loader a method gets: IAU reads shuffled batches of ``batch_size`` (a
+    random subsample for its correction; the size chosen on the validation split, see
+    :func:`iau_batch_size`), Fisher a random subsample of ``--fisher-samples``."""
     if name in ("iau", "iau_ekfac"):
-        return DataLoader(retain.dataset, batch_size=128, shuffle=True,
+        return DataLoader(retain.dataset, batch_size=batch_size, shuffle=True,
                           generator=torch.Generator().manual_seed(seed))
     if name == "fisher":  # the Fisher diagonal from a random retain subsample
         return _subsample(retain, args.fisher_samples, seed)
     return retain
+
+
+IAU_RETAIN_BATCH = 128  # IAU's retain batch size where none was chosen on the validation split
+
+
+def iau_batch_size(args: argparse.Namespace, kind: str, name: str) -> int:
+    """The retain batch size chosen for IAU ``name`` on ``kind`` (``--tune-methods``)."""
+    from unlearning_tuning import overrides as tuned_overrides
+
+    got = tuned_overrides(getattr(args, "tuned", {}), kind, name)
+    return int(got.get("retain_batch_size", IAU_RETAIN_BATCH))
 
 
 def fit_ekfac(model: nn.Module, train: IndexedDataset, damping: float) -> tuple[Any, float]:
@@ -356,7 +369,8 @@ def run_one(kind: str, seed: int, train: IndexedDataset, test: IndexedDataset,
                 res = sisa.unlearn(ens, forget=ld["forget"], retain=ld["retain"])
             else:
                 method = make_method(name, kind, seed, ctx, args)
-                retain = method_retain(name, ld["retain"], seed, args)
+                retain = method_retain(name, ld["retain"], seed, args,
+                                       iau_batch_size(args, kind, name))
                 try:
                     res = method.unlearn(original, forget=ld["forget"], retain=retain)
                 except (FloatingPointError, RuntimeError, ValueError) as err:
@@ -645,18 +659,22 @@ def work_bound(runs: list[dict[str, Any]], kind: str) -> str | None:
             for rec in [r["settings"].get("random10", {})] if "details" in rec.get("iau_ekfac", {})]
     if not rows:
         return None
-    batch = 128  # the experiment's IAU retain batches (method_retain)
     work, parts = [], []
     for row in rows:
         d = row["details"]
-        n_forget, n_train = d["n_forget"], d["n_train"]
-        retain = d.get("retain_batches_used", 0) * batch
+        n_forget = d["n_forget"]
+        # runs before the counts were recorded read batches of IAU_RETAIN_BATCH
+        retain = d.get("retain_examples_used", d.get("retain_batches_used", 0) * IAU_RETAIN_BATCH)
+        batch = retain / max(d.get("retain_batches_used", 1), 1)
         guard = d.get("forget_guard")
-        # the guard: one forward before the step and one per try; Armijo: one per try
-        guard_fw = 0 if guard is None else (2 + guard["halvings"]) * guard.get("batches", 1) * batch
+        # the guard: one forward before the step and one per try (the last one is the first
+        # correction step's forward when reused); Armijo: one forward per try
+        guard_fw = 0 if guard is None else (2 + guard["halvings"]) * guard.get(
+            "examples", guard.get("batches", 1) * IAU_RETAIN_BATCH)
         armijo_fw = (d.get("retain_steps", 0) + d.get("retain_halvings", 0)) * batch
-        work.append(n_forget + retain + (guard_fw + armijo_fw) / 3)
-        parts.append((n_forget, retain, guard_fw + armijo_fw))
+        reused = batch if d.get("first_objective_reused") else 0
+        work.append(n_forget + retain + (guard_fw + armijo_fw - reused) / 3)
+        parts.append((n_forget, retain, guard_fw + armijo_fw - reused))
     iau = float(np.mean(work))
     n_forget, retain, fw = (float(np.mean(x)) for x in zip(*parts))
     n_train = rows[0]["details"]["n_train"]
@@ -1073,6 +1091,7 @@ def update(args: argparse.Namespace, out: Path) -> None:
                     rows[m]["same_models_as_first_run"] = same
                     run["settings"][setting][m] = rows[m]
         _finish(data, out)
+    data["meta"]["tuned"] = args.tuned  # the rerun rows used the current choices
     data["meta"].setdefault("updates", []).append(
         {"command": cmd.strip(), "date": date, "methods": args.methods, "sources": sources()})
     _finish(data, out)

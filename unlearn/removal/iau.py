@@ -310,6 +310,7 @@ class IAU(RemovalMethod):
                 break
             factor /= 2
         return factor * step, {"halvings": k, "step_factor": factor, "batches": len(guard),
+                               "examples": _examples(self.task, guard),
                                "retain_loss_before": before,
                                "retain_loss_after": after,
                                "rise_ok": math.isfinite(after)
@@ -341,7 +342,11 @@ class IAU(RemovalMethod):
             # instead of halving down from retain_lr again (each try costs a forward pass)
             if lr > 0:
                 start = min(self.retain_lr, 2 * lr)
-        return {"retain_batches_used": self.retain_steps * per_step, "retain_step_lrs": lrs,
+        return {"retain_batches_used": self.retain_steps * per_step,
+                "retain_examples_used": _examples(self.task, batches[:self.retain_steps
+                                                                    * per_step]),
+                "first_objective_reused": first_loss is not None and self.retain_steps > 0,
+                "retain_step_lrs": lrs,
                 "retain_halvings": halvings,
                 "retain_steps_rejected": sum(lr == 0.0 for lr in lrs)}
 
@@ -467,6 +472,10 @@ def _backtrack(lr: float, trial: float, f0: float, sq: float) -> float:
         return lr / 2
     curvature = (trial - f0 + sq * lr) / lr**2  # > 0: the trial failed the test
     return min(max(0.9 * sq / (2 * curvature), lr / 10), lr / 2)
+
+
+def _examples(task: Task, batches: list[Any]) -> int:
+    return sum(int(task.split_batch(raw)[1].shape[0]) for raw in batches)
 
 
 def _batches_mean_loss(task: Task, model: nn.Module, batches: list[Any]) -> Tensor:
