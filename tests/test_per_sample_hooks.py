@@ -176,14 +176,24 @@ def _dense_scores(est: KFACInfluence, q: DataLoader, t: DataLoader) -> Tensor:
     return InfluenceEstimator.scores(est, q, t)
 
 
+def _always_raw(basis, n_query, n_train):
+    """``raw_is_cheaper`` as if the training set were huge: every layer scored unrotated."""
+    return eigen_scores.raw_is_cheaper(basis, n_query, 10**12)
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["rotated", "raw"])
 @pytest.mark.parametrize("name", HOOKED + ["functional_reuse", "seq_first"])
 @pytest.mark.parametrize("cls", [KFACInfluence, EKFACInfluence])
-def test_eigenbasis_scores_equal_dense_scores(name, cls, monkeypatch):
+def test_eigenbasis_scores_equal_dense_scores(name, cls, raw, monkeypatch):
+    import unlearn.influence.ekfac as ekfac
+
     model, x, y = CASES[name]
     model = model.double().eval()
     ds = TensorDataset(x, y)
     q, t = DataLoader(ds, batch_size=5), DataLoader(ds, batch_size=7)
     est = cls(model, TASK, 1e-2, progress=False).fit(t)
+    monkeypatch.setattr(ekfac, "raw_is_cheaper", _always_raw if raw else
+                        lambda *a: None)
     with monkeypatch.context() as m:
         m.setattr("unlearn.influence.grads._hooked_per_sample_grads", lambda *a: None)
         ref = _dense_scores(est, q, t)
@@ -344,3 +354,41 @@ def test_query_groups_give_the_same_scores(cache_bytes, monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         est.scores(q, DataLoader(TensorDataset(bad, y), batch_size=7), out=tmp_path / "b.npy")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npy"]
+
+
+def test_unrotated_scoring_for_few_queries_and_always_zero_inputs(monkeypatch):
+    """Few queries against many training examples: the queries are rotated back (no training
+    example is rotated), over the input columns some example reaches; the scores equal
+    the rotated path's, also with rank-limited queries."""
+    import unlearn.influence.ekfac as ekfac
+
+    model, x, y = CASES["mlp"]
+    model = model.double().eval()
+    g = torch.Generator().manual_seed(5)
+    xt = torch.randn(400, 6, generator=g, dtype=F64)
+    xt[:, [1, 4]] = 0.0  # two inputs zero in every training example
+    yt = torch.randint(0, 4, (400,), generator=g)
+    t = DataLoader(TensorDataset(xt, yt), batch_size=64)
+    q = DataLoader(TensorDataset(x[:2], y[:2]), batch_size=2)
+    est = EKFACInfluence(model, TASK, 1e-2, progress=False).fit(t)
+    bases = est._bases(F64)
+    cols = eigen_scores.raw_is_cheaper(bases[0], 2, 400)
+    assert cols is not None and cols.tolist() == [0, 2, 3, 5, 6]  # inputs + bias, not 1, 4
+    assert eigen_scores.raw_is_cheaper(bases[0], 400, 2) is None  # many queries: rotate
+    calls = []
+    real = eigen_scores._rotate_factors
+    monkeypatch.setattr(eigen_scores, "_rotate_factors",
+                        lambda b, lg: calls.append(b.raw is not None) or real(b, lg))
+    S = est.scores(q, t)
+    assert all(calls)  # every batch, queries and training, taken unrotated
+    for rank in (None, 1):
+        est.query_rank = rank
+        with monkeypatch.context() as m:
+            m.setattr(ekfac, "raw_is_cheaper", lambda *a: None)
+            ref = est.scores(q, t)
+        got = est.scores(q, t)
+        assert float((got - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
+    est.query_rank = None
+    torch.testing.assert_close(est.scores(q, t), S)
+    dense = _dense_scores(est, q, t)
+    assert float((S - dense).abs().max()) <= 1e-10 * float(dense.abs().max())

@@ -14,6 +14,12 @@ per-sample gradient matrix is ever built, and the queries need no rotation back.
 several positions (Conv2d, sequences, a layer called twice) and embeddings build the rotated
 per-sample matrices ``Σ_t g̃_t ã_tᵀ`` in bounded chunks and take ordinary dot products.
 
+Rotating a training example costs ``d_in²`` per layer, as much as its dot product with
+``d_out`` query rows: with few queries and many training examples (100 queries, 100,000
+examples of a 784→10 model) the queries are rotated back instead (``Q_G R_q Q_Aᵀ``, once
+per query) and the training gradients enter unrotated; :func:`raw_is_cheaper` picks the
+side with fewer FLOPs, layer by layer.
+
 The factors ``(a, g)`` come from layer hooks (:mod:`unlearn.influence.hook_grads`); a batch
 the hooks cannot describe exactly falls back to vmap's dense per-sample gradients, rotated.
 """
@@ -34,7 +40,7 @@ from unlearn.influence.layers import LayerAdapter
 from unlearn.tasks import Task
 
 __all__ = ["EigenBasis", "RotatedBatch", "EigenQueries", "RowGroupSink", "rotated_batches",
-           "self_scores"]
+           "raw_is_cheaper", "self_scores"]
 
 # [n_q, d, c] intermediates of the factored dot product: large enough that the GEMM's
 # third side (c training examples) runs near the matmul rate (measured: c ≈ 100 → 65,
@@ -45,12 +51,31 @@ _MATERIALISE_ELEMENTS = 1 << 24  # rotated per-sample [c, d_out, d_in] matrices 
 
 @dataclass
 class EigenBasis:
-    """One layer's ``Q_G``, ``Q_A`` (``None`` for an embedding) and ``Λ + λ``."""
+    """One layer's ``Q_G``, ``Q_A`` (``None`` for an embedding) and ``Λ + λ``. With ``raw``
+    (the input columns where ``Q_A`` has a non-zero row) the layer is scored unrotated:
+    gradients enter as ``DW[:, raw]`` and queries as ``Q_G R_q Q_A[raw]ᵀ`` (see
+    :func:`raw_is_cheaper`)."""
 
     layer: LayerAdapter
     qg: Tensor
     qa: Tensor | None
     denom: Tensor
+    raw: Tensor | None = None
+
+
+def raw_is_cheaper(basis: EigenBasis, n_query: int, n_train: int) -> Tensor | None:
+    """The input columns to score ``basis``'s layer unrotated, where that costs fewer FLOPs
+    than rotating every training example (``n_query · d_out`` query rows against
+    ``n_train`` examples: few queries, many examples); else ``None``. Either way the scores
+    are the same: ``Q_A``'s zero rows multiply nothing."""
+    if basis.qa is None:
+        return None
+    cols = (basis.qa != 0).any(dim=1).nonzero().squeeze(1)
+    d_out, (d_in, kept) = basis.qg.shape[0], basis.qa.shape
+    rotate = n_train * (d_in * kept + d_out * d_out + n_query * d_out * kept)
+    raw = n_query * d_out * (kept * len(cols) + d_out * kept) + n_train * n_query * d_out * \
+        len(cols)
+    return cols if raw < rotate else None
 
 
 @dataclass
@@ -76,21 +101,29 @@ class RotatedBatch:
 
 
 def _rotate_factors(basis: EigenBasis, lg: LayerGrads) -> tuple[Tensor, Tensor] | Tensor:
-    layer = basis.layer
+    layer, raw = basis.layer, basis.raw
     if not layer.diagonal_a and lg.positions == 1:
+        if raw is not None:
+            return lg.g[:, 0], lg.a[:, 0, raw]
         return lg.g[:, 0] @ basis.qg, lg.a[:, 0] @ basis.qa
     B = lg.g.shape[0]
     chunk = max(1, _MATERIALISE_ELEMENTS // max(1, layer.d_out * layer.d_in))
-    parts = [materialise(layer, LayerGrads(lg.a[s : s + chunk], lg.g[s : s + chunk]),
-                         basis.qg, basis.qa) for s in range(0, B, chunk)]
-    return torch.cat(parts) if parts else lg.g.new_zeros(0, layer.d_out, layer.d_in)
+    qg, qa = (basis.qg, basis.qa) if raw is None else (None, None)
+    parts = [materialise(layer, LayerGrads(lg.a[s : s + chunk], lg.g[s : s + chunk]), qg, qa)
+             for s in range(0, B, chunk)]
+    out = torch.cat(parts) if parts else lg.g.new_zeros(0, layer.d_out, layer.d_in)
+    return out if raw is None else out[:, :, raw]
 
 
 def _rotate_dense(bases: Sequence[EigenBasis], space: ParamSpace, G: Tensor) -> RotatedBatch:
     parts = space.unflatten(G)
     mats = {}
     for b in bases:
-        M = b.qg.T @ b.layer.to_matrix(parts)
+        M = b.layer.to_matrix(parts)
+        if b.raw is not None:
+            mats[b.layer.name] = M[:, :, b.raw]
+            continue
+        M = b.qg.T @ M
         mats[b.layer.name] = M if b.qa is None else M @ b.qa
     return RotatedBatch(G.shape[0], {}, mats)
 
@@ -141,7 +174,12 @@ class EigenQueries:
         block: dict[str, Any] = {}
         for b in self.bases:
             name = b.layer.name
-            R = batch.matrix(name).div_(b.denom)  # a fresh tensor (or the batch's own)
+            if b.raw is None:
+                R = batch.matrix(name).div_(b.denom)  # a fresh tensor (or the batch's own)
+            else:  # precondition in the eigenbasis, then rotate back onto the raw columns
+                assert b.qa is not None
+                qa = b.qa[b.raw]
+                R = b.qg @ ((b.qg.T @ batch.matrix(name) @ qa) / b.denom) @ qa.T
             self.dtype = R.dtype
             if self.rank is not None and min(R.shape[1:]) > self.rank:
                 U, S, Vh = torch.linalg.svd(R, full_matrices=False)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -45,6 +45,7 @@ from unlearn.influence.eigen_scores import (
     EigenQueries,
     RotatedBatch,
     RowGroupSink,
+    raw_is_cheaper,
     rotated_batches,
     self_scores,
 )
@@ -388,6 +389,8 @@ class KFACInfluence(InfluenceEstimator):
         bases = self._bases(dtype)
         rows = _dataset_len(query_loader)
         n_cols = len(train_loader.dataset)  # type: ignore[arg-type]
+        if rows is not None:  # few queries, many training examples: rotate the queries back
+            bases = [replace(b, raw=raw_is_cheaper(b, rows, n_cols)) for b in bases]
         scale = self._score_scale()
         per_query = sum(layer.d_out * layer.d_in for layer in self.layers)
         per_query *= torch.finfo(dtype).bits // 8
