@@ -621,7 +621,20 @@ def ekfac_verdict(runs: list[dict[str, Any]], kind: str) -> str | None:
             "later removals.")
 
 
-def verdict(runs: list[dict[str, Any]]) -> list[str]:
+def held_out_text(runs: list[dict[str, Any]], kind: str, method: str, seeds: list[int]) -> str:
+    """`` On seeds …: gap …, speed-up …`` for ``method`` at 10% random over ``seeds`` (those
+    added after every hyper-parameter was chosen), or ``""``."""
+    recs = [r["settings"]["random10"][method] for r in runs if r["model"] == kind
+            and r["seed"] in seeds and method in r["settings"].get("random10", {})]
+    recs = [x for x in recs if "error" not in x]
+    if not recs:
+        return ""
+    return (f" On the seeds added after every choice was made ({', '.join(map(str, seeds))}) "
+            f"alone: gap {np.mean([x['gap'] for x in recs]):.2f} pp, speed-up "
+            f"{_speed(float(np.mean([x['speedup'] for x in recs])))}.")
+
+
+def verdict(runs: list[dict[str, Any]], held: list[int] | None = None) -> list[str]:
     out = []
     for kind in MODELS:
         summ = {s["method"]: s for s in summarise(runs, kind, "random10") if s["n"]}
@@ -640,10 +653,10 @@ def verdict(runs: list[dict[str, Any]]) -> list[str]:
             line += (f"; faithful mode: gap {np.mean(summ['iau_faithful']['gap']):.2f} pp, "
                      f"{_speed(float(np.mean(summ['iau_faithful']['speedup'])))}")
         line += f"; no removal at all: gap {np.mean(summ['original']['gap']):.2f} pp."
-        out.append(line)
+        out.append(line + held_out_text(runs, kind, "iau", held or []))
         extra = ekfac_verdict(runs, kind)
         if extra:
-            out.append(extra)
+            out.append(extra + held_out_text(runs, kind, "iau_ekfac", held or []))
         bound = work_bound(runs, kind)
         if bound:
             out.append(bound)
@@ -817,8 +830,9 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
              "chosen on the validation split below (Fisher with the "
              "empirical Fisher estimated on 1,000 random retained digits, to keep its cost "
              "bounded); IAU default = `IAU(task, weight_decay=<training weight decay>, "
-             "retain_steps=<chosen below>)`, the scaled mode with the library's other defaults "
-             "(retain loader: shuffled batches of 128); IAU faithful = "
+             "retain_steps=<chosen below>, retain_lr=<chosen below>)`, the scaled mode with the "
+             "library's other defaults (retain loader: shuffled batches of the size chosen "
+             "below); IAU faithful = "
              "`IAU(task, mode=\"faithful\")`, one fresh-Adam step "
              "(lr 1e-3) on the equally weighted retain/forget gradient, as the reference "
              "code; Newton = "
@@ -827,14 +841,20 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
              "once on the full training set; IAU + EK-FAC = `IAU(task, weight_decay=<training "
              "weight decay>, estimator=<EK-FAC>)`, the default scaled mode whose forget step is "
              "preconditioned, θ += (1/n)(H + λI)⁻¹ Σ∇ℓ(forget), followed by the same "
-             "backtracked correction on the retained data (same retain loader as IAU default, "
-             "its own number of steps chosen below), "
+             "backtracked correction on the retained data (its own batch size, number of steps "
+             "and first step size chosen below), "
              f"λ: {_damping_text(runs, 'iau_ekfac_damping')} (where equal to Newton's λ it "
              "reuses Newton's estimator, else its own EK-FAC fitted once on the full training "
              "set; either fit is a one-off cost, not in the per-removal time). Nothing was "
              "tuned on the test digits.", ""]
+    for res in meta.get("resumed", []):
+        lines += [f"Seeds {', '.join(map(str, res['seeds']))} (every method) were added on "
+                  f"{res['date']} by `{res['command']}` (load average at the start "
+                  f"{res['machine'].get('loadavg', '?')}), with the code and hyper-parameters "
+                  "of that date.", ""]
     for up in meta.get("updates", []):
-        lines += [f"Rows of {', '.join(up['methods'])} were then rerun on {up['date']} by "
+        seeds = f" (seeds {', '.join(map(str, up['seeds']))})" if "seeds" in up else ""
+        lines += [f"Rows of {', '.join(up['methods'])}{seeds} were then rerun on {up['date']} by "
                   f"`{up['command']}` (retraining rerun beside them for their speed-up) and "
                   "replaced; `unlearn/removal/iau.py` at sha1 "
                   f"{up['sources'].get('unlearn/removal/iau.py', '?')}.", ""]
@@ -866,7 +886,8 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
     if cert:
         lines += [f"The certified-removal part was run by `{cert['command']}` on "
                   f"{cert['date']}.", ""]
-    lines += ["## Targets", ""] + (verdict(runs) or ["* (no 10% random run yet)"]) + [""]
+    held = [s for res in meta.get("resumed", []) for s in res["seeds"]]
+    lines += ["## Targets", ""] + (verdict(runs, held) or ["* (no 10% random run yet)"]) + [""]
     for kind in meta["models"]:
         one_off = [r for r in runs if r["model"] == kind]
         if not one_off:
@@ -1007,15 +1028,22 @@ def main(argv: list[str] | None = None) -> None:
         data = json.loads(out.read_text())
     cmd = "python experiments/unlearning_mnist.py " + " ".join(sys.argv[1:] if argv is None
                                                                else argv)
-    data["meta"] = {"command": cmd.strip(),
-                    "date": datetime.datetime.now(datetime.timezone.utc).strftime(
-                        "%Y-%m-%d %H:%M UTC"),
-                    "machine": machine(), "models": args.models, "settings": args.settings,
-                    "n_train": args.n_train, "n_test": args.n_test,
-                    "forget_class": args.forget_class, "newton_damping": args.newton_damping,
-                    "recipes": {k: asdict(v) for k, v in RECIPES.items() if k in args.models},
-                    "tuned": args.tuned,
-                    "git": _git_rev(), "sources": sources()}
+    meta = {"command": cmd.strip(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine(), "models": args.models, "settings": args.settings,
+            "n_train": args.n_train, "n_test": args.n_test,
+            "forget_class": args.forget_class, "newton_damping": args.newton_damping,
+            "recipes": {k: asdict(v) for k, v in RECIPES.items() if k in args.models},
+            "tuned": args.tuned,
+            "git": _git_rev(), "sources": sources()}
+    if args.resume and "meta" in data:  # the first run's header stays; the resume is listed
+        added = sorted({s for s in range(args.seeds)} - {r["seed"] for r in data["runs"]})
+        data["meta"].setdefault("resumed", []).append(
+            {k: meta[k] for k in ("command", "date", "machine", "git", "sources")}
+            | {"seeds": added})
+        data["meta"]["tuned"] = args.tuned
+    else:
+        data["meta"] = meta
     data.setdefault("notes", [])
     train, test = load_split(args.mnist_root, args.n_train, args.n_test)
     logf = out.with_suffix(".log")
@@ -1093,7 +1121,8 @@ def update(args: argparse.Namespace, out: Path) -> None:
         _finish(data, out)
     data["meta"]["tuned"] = args.tuned  # the rerun rows used the current choices
     data["meta"].setdefault("updates", []).append(
-        {"command": cmd.strip(), "date": date, "methods": args.methods, "sources": sources()})
+        {"command": cmd.strip(), "date": date, "methods": args.methods, "sources": sources(),
+         "seeds": sorted({r["seed"] for r in data["runs"] if r["seed"] < args.seeds})})
     _finish(data, out)
     log(f"updated {out} and {doc_path(out)}")
 
