@@ -390,3 +390,24 @@ def test_params_selection(net, train, query):
     Gq = torch.cat([g for g in full._train_grads(loader(query), "q")])[:, -70:]
     Gt = torch.cat([g for g in full._train_grads(loader(train), "t")])[:, -70:]
     torch.testing.assert_close(est.scores(loader(query), loader(train)), Gq @ Gt.T / N_TRAIN)
+
+
+def test_all_finite_sees_every_nan_and_inf_and_no_false_alarm():
+    """The one-reduction finiteness check: any NaN or inf anywhere is caught, and finite
+    float32 values whose float32 sum would overflow are not reported (the sum is float64)."""
+    from unlearn.influence.grads import all_finite
+
+    v = torch.randn(10_000)
+    assert all_finite(v)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        w = v.clone()
+        w[1234] = bad
+        assert not all_finite(w)
+    both = v.clone()
+    both[0], both[1] = float("inf"), float("-inf")  # inf - inf is NaN: still caught
+    assert not all_finite(both)
+    huge = torch.full((1000,), 3e38)  # float32 sum overflows to inf; the values are finite
+    assert torch.isinf(huge.sum()) and all_finite(huge)
+    assert all_finite(torch.full((10,), 1e308, dtype=torch.float64))  # float64: elementwise
+    assert not all_finite(torch.tensor([1.0, float("nan")], dtype=torch.float64))
+    assert all_finite(torch.arange(5))  # integers are always finite

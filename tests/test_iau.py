@@ -437,3 +437,23 @@ def test_gr_bad_arguments():
     with pytest.raises(ValueError, match="optimizer"):
         train_with_gradient_restriction(mlp(), TASK, DataLoader(load_digits(), batch_size=64),
                                         epochs=1, lr=0.1, alpha=0.1, optimizer="lbfgs")
+
+
+def test_reusing_the_guards_forward_changes_nothing(digits):
+    """The guard's last forward pass (with its graph) is the first correction step's objective:
+    the result is the same as recomputing that objective, bit for bit."""
+
+    class Recomputing(IAU):
+        def _correct(self, model, batches, first_loss=None):
+            return super()._correct(model, batches, None)
+
+    kw = dict(retain_steps=3, weight_decay=1e-3)
+    reused, fresh = run(IAU(TASK, **kw), digits), run(Recomputing(TASK, **kw), digits)
+    assert reused.details["first_objective_reused"]
+    assert not fresh.details["first_objective_reused"]
+    assert reused.details["retain_step_lrs"] == fresh.details["retain_step_lrs"]
+    assert torch.equal(flat(reused.model), flat(fresh.model))
+    assert reused.details["retain_examples_used"] == 3 * 100
+    # a guard over more batches than one correction step reads is not reused
+    wide = run(IAU(TASK, guard_batches=2, **kw), digits)
+    assert not wide.details["first_objective_reused"]
