@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import resource
 import shlex
 import statistics
@@ -756,7 +757,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--synthetic-sizes", default="10000,30000,100000")
     a = p.parse_args(argv)
     a.only = tuple(o for o in a.only.split(",") if o)
-    a.profile_methods = [v for v in a.profile_methods.split(",") if v]
+    # labels may hold commas ("ours Exact (GGN, float32 build)"): split before "model:"
+    a.profile_methods = [v for v in re.split(r",(?=(?:lr|mlp):)", a.profile_methods) if v]
     a.real_sizes = [int(v) for v in a.real_sizes.split(",") if v]
     a.speedup_models = [v for v in a.speedup_models.split(",") if v]
     a.synthetic_sizes = [int(v) for v in a.synthetic_sizes.split(",") if v]
