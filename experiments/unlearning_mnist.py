@@ -847,17 +847,18 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
              "reuses Newton's estimator, else its own EK-FAC fitted once on the full training "
              "set; either fit is a one-off cost, not in the per-removal time). Nothing was "
              "tuned on the test digits.", ""]
-    for res in meta.get("resumed", []):
-        lines += [f"Seeds {', '.join(map(str, res['seeds']))} (every method) were added on "
-                  f"{res['date']} by `{res['command']}` (load average at the start "
-                  f"{res['machine'].get('loadavg', '?')}), with the code and hyper-parameters "
-                  "of that date.", ""]
+    events = [(res["date"], f"Seeds {', '.join(map(str, res['seeds']))} (every method) were "
+               f"then added on {res['date']} by `{res['command']}` (load average at the start "
+               f"{res['machine'].get('loadavg', '?')}), with the code and hyper-parameters of "
+               "that date.") for res in meta.get("resumed", [])]
     for up in meta.get("updates", []):
         seeds = f" (seeds {', '.join(map(str, up['seeds']))})" if "seeds" in up else ""
-        lines += [f"Rows of {', '.join(up['methods'])}{seeds} were then rerun on {up['date']} by "
-                  f"`{up['command']}` (retraining rerun beside them for their speed-up) and "
-                  "replaced; `unlearn/removal/iau.py` at sha1 "
-                  f"{up['sources'].get('unlearn/removal/iau.py', '?')}.", ""]
+        events.append((up["date"], f"Rows of {', '.join(up['methods'])}{seeds} were then rerun "
+                       f"on {up['date']} by `{up['command']}` (retraining rerun beside them for "
+                       "their speed-up) and replaced; `unlearn/removal/iau.py` at sha1 "
+                       f"{up['sources'].get('unlearn/removal/iau.py', '?')}."))
+    for _, text in sorted(events):
+        lines += [text, ""]
     from unlearning_tuning import TUNED, load_tuned, report_lines
 
     lines += report_lines(meta["tuned"] if "tuned" in meta else load_tuned(TUNED))
