@@ -634,7 +634,16 @@ def held_out_text(runs: list[dict[str, Any]], kind: str, method: str, seeds: lis
             f"{_speed(float(np.mean([x['speedup'] for x in recs])))}.")
 
 
-def verdict(runs: list[dict[str, Any]], held: list[int] | None = None) -> list[str]:
+def held_out_seeds(meta: dict[str, Any], method: str) -> list[int]:
+    """Seeds added (``--resume``) after the last ``--update`` of ``method``'s rows: their
+    rows were made with choices fixed before those seeds were run."""
+    last = max((u["date"] for u in meta.get("updates", []) if method in u["methods"]),
+               default="")
+    return [s for res in meta.get("resumed", []) if res["date"] > last for s in res["seeds"]]
+
+
+def verdict(runs: list[dict[str, Any]], held: dict[str, list[int]] | None = None
+            ) -> list[str]:
     out = []
     for kind in MODELS:
         summ = {s["method"]: s for s in summarise(runs, kind, "random10") if s["n"]}
@@ -653,10 +662,11 @@ def verdict(runs: list[dict[str, Any]], held: list[int] | None = None) -> list[s
             line += (f"; faithful mode: gap {np.mean(summ['iau_faithful']['gap']):.2f} pp, "
                      f"{_speed(float(np.mean(summ['iau_faithful']['speedup'])))}")
         line += f"; no removal at all: gap {np.mean(summ['original']['gap']):.2f} pp."
-        out.append(line + held_out_text(runs, kind, "iau", held or []))
+        out.append(line + held_out_text(runs, kind, "iau", (held or {}).get("iau", [])))
         extra = ekfac_verdict(runs, kind)
         if extra:
-            out.append(extra + held_out_text(runs, kind, "iau_ekfac", held or []))
+            out.append(extra + held_out_text(runs, kind, "iau_ekfac",
+                                             (held or {}).get("iau_ekfac", [])))
         bound = work_bound(runs, kind)
         if bound:
             out.append(bound)
@@ -887,7 +897,7 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
     if cert:
         lines += [f"The certified-removal part was run by `{cert['command']}` on "
                   f"{cert['date']}.", ""]
-    held = [s for res in meta.get("resumed", []) for s in res["seeds"]]
+    held = {m: held_out_seeds(meta, m) for m in ("iau", "iau_ekfac")}
     lines += ["## Targets", ""] + (verdict(runs, held) or ["* (no 10% random run yet)"]) + [""]
     for kind in meta["models"]:
         one_off = [r for r in runs if r["model"] == kind]

@@ -51,6 +51,9 @@ GRIDS: dict[str, tuple[str, list[float]]] = {
 IAU_GRID: dict[str, list[float]] = {"retain_batch_size": [128, 64, 32],
                                     "retain_steps": [1, 2, 3, 5],
                                     "retain_lr": [0.2, 0.05, 0.02]}
+#: the estimator-free IAU also measures the curvature along the forget gradient on this many
+#: retain batches (forward-mode products; IAU_EKFAC has no such probe)
+CURVATURE_GRID = {"curvature_batches": [5, 1]}
 IAU_METHODS = ("iau", "iau_ekfac")
 #: IAU's knobs are scored by their worst gap over these validation seeds (model training and
 #: forget set). History, since it was changed after a test run: chosen by the gap of seed 0
@@ -84,11 +87,19 @@ def choose(method: str, gaps: dict[float, float]) -> float:
     return min(ok, key=ok.__getitem__)
 
 
+def iau_grid(method: str) -> dict[str, list[float]]:
+    """The knobs searched for ``method``: ``IAU_GRID``, plus ``CURVATURE_GRID`` for the
+    estimator-free IAU."""
+    return {**IAU_GRID, **(CURVATURE_GRID if method == "iau" else {})}
+
+
 def correction_cost(row: dict[str, Any]) -> float:
     """Work of IAU's correction in retained-example forward passes: each step one forward and
     backward pass over its batch (counted as 3 forwards), each Armijo try one forward (mean
-    tries over the validation seeds)."""
-    return float(row["retain_batch_size"]) * (3 * row["retain_steps"] + row["passes"])
+    tries over the validation seeds), and for the estimator-free IAU the curvature probe's
+    forward-mode products (counted as 2 forwards per example)."""
+    probe = 2 * row.get("curvature_batches", 0)
+    return float(row["retain_batch_size"]) * (3 * row["retain_steps"] + row["passes"] + probe)
 
 
 def worst_gap(row: dict[str, Any]) -> float:
@@ -109,7 +120,7 @@ def choose_iau(method: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     best = min(worst_gap(r) for r in ok)
     pick = min((r for r in ok if worst_gap(r) <= best + STEPS_TOLERANCE),
                key=lambda r: (correction_cost(r), worst_gap(r)))
-    return {k: pick[k] for k in IAU_GRID}
+    return {k: pick[k] for k in iau_grid(method)}
 
 
 def _validation_gap(method: str, kind: str, kw: dict[str, Any], fold: dict[str, Any],
@@ -143,11 +154,12 @@ def fold_for(kind: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
 
 def tune_iau(method: str, kind: str, folds: list[dict[str, Any]], args: argparse.Namespace,
              log: Callable[[str], None]) -> dict[str, Any]:
-    """Every combination of ``IAU_GRID``: its mean validation gap and correction passes over
-    the folds, and its cost."""
+    """Every combination of :func:`iau_grid`: its mean validation gap and correction passes
+    over the folds, and its cost."""
     rows = []
-    for values in itertools.product(*IAU_GRID.values()):
-        kw = dict(zip(IAU_GRID, values, strict=True))
+    grid = iau_grid(method)
+    for values in itertools.product(*grid.values()):
+        kw = dict(zip(grid, values, strict=True))
         gaps, passes = [], []
         for fold in folds:
             try:
@@ -168,7 +180,7 @@ def tune_iau(method: str, kind: str, folds: list[dict[str, Any]], args: argparse
             f"cost {row['cost']:.0f}")
     chosen = choose_iau(method, rows)
     log(f"  chosen {kind} {method}: {chosen}")
-    return {"key": ",".join(IAU_GRID), "seeds": [f["seed"] for f in folds], "grid": rows,
+    return {"key": ",".join(grid), "seeds": [f["seed"] for f in folds], "grid": rows,
             "chosen": chosen}
 
 
@@ -248,11 +260,14 @@ def report_lines(tuned: dict[str, Any]) -> list[str]:
             "forgetting, validation gap to retraining in pp; the smallest gap wins): "
             + "; ".join(parts) + ".", "",
             "IAU's work knobs (the correction's batch size, number of steps and first step "
-            f"size), chosen jointly on the same split: the cheapest combination of {grid_text()} "
+            "size, and for IAU without an estimator the number of retain batches its curvature "
+            f"probe reads), chosen jointly on the same split: the cheapest combination of "
+            f"{grid_text()} "
             f"whose worst validation gap over {_seeds_text(tuned)} is within "
             f"{tuned['tolerance_pp']:g} pp of the best worst-seed gap, the cost being the "
             "retained examples the correction passes forward (a step's forward and backward "
-            "counted as 3, each backtracking try as 1, averaged over the seeds):", "", *iau, ""]
+            "counted as 3, each backtracking try as 1, averaged over the seeds, each probed "
+            "example as 2):", "", *iau, ""]
 
 
 def _seeds_text(tuned: dict[str, Any]) -> str:
@@ -264,7 +279,7 @@ def _seeds_text(tuned: dict[str, Any]) -> str:
 
 def grid_text() -> str:
     return " × ".join(f"{k} ∈ {{{', '.join(f'{v:g}' for v in vals)}}}"
-                      for k, vals in IAU_GRID.items())
+                      for k, vals in iau_grid("iau").items()) + " (the last for IAU only)"
 
 
 def _iau_lines(kind: str, method: str, t: dict[str, Any]) -> list[str]:
@@ -274,8 +289,9 @@ def _iau_lines(kind: str, method: str, t: dict[str, Any]) -> list[str]:
     chosen = [r for r in ok if all(r[k] == v for k, v in t["chosen"].items())]
     shown = chosen + sorted(ok, key=worst_gap)[:3] + sorted(ok, key=correction_cost)[:3]
     seen, cells = set(), []
+    names = [k for k in iau_grid(method) if k in t["grid"][0]]
     for r in shown:
-        key = tuple(r[k] for k in IAU_GRID)
+        key = tuple(r[k] for k in names)
         if key not in seen:
             seen.add(key)
             cells.append(f"({', '.join(f'{v:g}' for v in key)}) → worst {worst_gap(r):.2f} pp "
@@ -283,6 +299,6 @@ def _iau_lines(kind: str, method: str, t: dict[str, Any]) -> list[str]:
                          f"{correction_cost(r):,.0f}")
     text = ", ".join(f"{k} = {v:g}" for k, v in t["chosen"].items())
     return [f"* {kind.upper()} {um.LABELS[method]}: **{text}** (best worst-seed gap {best:.2f} "
-            f"pp; (batch size, steps, first step) → worst gap (per seed), cost: the chosen one, "
+            f"pp; ({', '.join(names)}) → worst gap (per seed), cost: the chosen one, "
             f"then the three best and the three cheapest of {len(t['grid'])}: "
             + "; ".join(cells) + ")"]
