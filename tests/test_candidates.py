@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from unlearn.data import from_tensors, load_digits
 from unlearn.influence import EKFACInfluence
 from unlearn.influence.candidates import (
+    TfidfIndex,
     knn_candidates,
     layer_inputs,
     scores_on_candidates,
@@ -81,6 +82,23 @@ def test_tfidf_equals_definition_and_finds_the_source():
     want = sims.topk(10, dim=1)
     assert torch.allclose(sims.gather(1, got), want.values, atol=1e-12)
     assert got[:, 0].tolist() == sources
+
+
+def test_tfidf_index_is_built_once_and_answers_like_the_function():
+    rng = np.random.default_rng(1)
+    train = [list(rng.integers(0, 40, size=rng.integers(4, 25))) for _ in range(90)]
+    queries = [list(rng.integers(0, 60, size=8)) for _ in range(7)]  # 40..59: unseen terms
+    index = TfidfIndex(train, ngram=2)
+    assert len(index) == 90
+    matrix = index.matrix
+    together = index.candidates(queries, 5)
+    one_by_one = torch.cat([index.candidates([q], 5) for q in queries])
+    assert torch.equal(together, one_by_one)
+    assert torch.equal(together, tfidf_candidates(queries, train, 5, ngram=2))
+    assert index.matrix is matrix  # queries never rebuild or grow the training side
+    assert len(index.vocab) == matrix.shape[1]
+    with pytest.raises(ValueError, match="k"):
+        index.candidates(queries, 91)
 
 
 def test_tfidf_padded_tensor_and_bigrams():

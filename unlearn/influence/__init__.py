@@ -25,6 +25,7 @@ _WHERE = {
     "load_scores": "io",
     "fit_distributed": "distributed",
     "scores_distributed": "distributed",
+    "TfidfIndex": "candidates",
     "tfidf_candidates": "candidates",
     "knn_candidates": "candidates",
     "layer_inputs": "candidates",

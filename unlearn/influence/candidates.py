@@ -2,7 +2,8 @@
 
 Grosse et al. (2023, "Studying large language model generalization with influence functions")
 first pick, per query, the training sequences most similar to it by TF-IDF and compute
-influence on those only. :func:`tfidf_candidates` does this for token sequences;
+influence on those only. :func:`tfidf_candidates` does this for token sequences
+(:class:`TfidfIndex` keeps the training side for later queries);
 :func:`knn_candidates` picks nearest neighbours in any feature space (raw inputs, or a layer's
 activations from :func:`layer_inputs`). :func:`scores_on_candidates` then computes influence
 on the candidates only, grouping queries so that each training gradient is computed once per
@@ -23,10 +24,55 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from unlearn.influence.base import InfluenceEstimator
 from unlearn.influence.grads import check_loader, to_model
 
-__all__ = ["tfidf_candidates", "knn_candidates", "layer_inputs", "scores_on_candidates"]
+__all__ = ["TfidfIndex", "tfidf_candidates", "knn_candidates", "layer_inputs",
+           "scores_on_candidates"]
 
 METRICS = ("cosine", "dot", "euclidean")
 _BLOCK_ELEMENTS = 1 << 24  # similarity entries held at once
+
+
+class TfidfIndex:
+    """The training sequences' TF-IDF matrix, built once: :meth:`candidates` picks each
+    query's k most similar training sequences without rebuilding it (what
+    :func:`tfidf_candidates` does per call; for one query at a time on a large corpus the
+    rebuild is most of the cost).
+
+    Sequences are lists of token ids (or rows of a 2-D integer tensor, where ``pad_id``
+    marks padding). Terms are the token n-grams of lengths 1..``ngram``. IDF is computed on
+    the training sequences, smoothed: ``idf = ln((1 + N) / (1 + df)) + 1``; term frequency is
+    ``1 + ln(count)`` with ``sublinear_tf`` (the raw count otherwise); rows are L2-normalised.
+    Query terms never seen in training are ignored.
+    """
+
+    def __init__(self, train_tokens: Sequence[Sequence[int]] | Tensor, *, ngram: int = 1,
+                 pad_id: int | None = None, sublinear_tf: bool = True) -> None:
+        if not isinstance(ngram, int) or ngram < 1:
+            raise ValueError(f"ngram must be a positive integer, got {ngram!r}")
+        self.ngram, self.pad_id, self.sublinear_tf = ngram, pad_id, sublinear_tf
+        train = _as_sequences(train_tokens, pad_id, "train_tokens")
+        self.vocab: dict[tuple[int, ...], int] = {}
+        T = _counts(train, ngram, self.vocab, grow=True)
+        df = np.bincount(T.indices, minlength=len(self.vocab))
+        self.idf = np.log((1.0 + T.shape[0]) / (1.0 + df)) + 1.0
+        self.matrix = _tfidf(T, self.idf, sublinear_tf)
+        self.matrix_t = self.matrix.T.tocsr()
+
+    def __len__(self) -> int:
+        return self.matrix.shape[0]
+
+    def candidates(self, query_tokens: Sequence[Sequence[int]] | Tensor, k: int) -> Tensor:
+        """Indices ``[n_query, k]`` of each query's k training sequences of largest TF-IDF
+        cosine similarity, most similar first (ties: the lower index)."""
+        query = _as_sequences(query_tokens, self.pad_id, "query_tokens")
+        k = _check_k(k, len(self))
+        Q = _tfidf(_counts(query, self.ngram, self.vocab, grow=False), self.idf,
+                   self.sublinear_tf)
+        out = []
+        rows = max(1, _BLOCK_ELEMENTS // max(len(self), 1))
+        for s in range(0, Q.shape[0], rows):
+            sims = torch.from_numpy((Q[s : s + rows] @ self.matrix_t).toarray())
+            out.append(_top_k_stable(sims, k))
+        return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long)
 
 
 def tfidf_candidates(query_tokens: Sequence[Sequence[int]] | Tensor,
@@ -34,30 +80,11 @@ def tfidf_candidates(query_tokens: Sequence[Sequence[int]] | Tensor,
                      ngram: int = 1, pad_id: int | None = None,
                      sublinear_tf: bool = True) -> Tensor:
     """Indices ``[n_query, k]`` of the k training sequences most similar to each query by
-    TF-IDF cosine similarity, most similar first.
-
-    Sequences are lists of token ids (or rows of a 2-D integer tensor, where ``pad_id``
-    marks padding). Terms are the token n-grams of lengths 1..``ngram``. IDF is computed on
-    the training sequences, smoothed: ``idf = ln((1 + N) / (1 + df)) + 1``; term frequency is
-    ``1 + ln(count)`` with ``sublinear_tf`` (the raw count otherwise); rows are L2-normalised.
-    """
-    if not isinstance(ngram, int) or ngram < 1:
-        raise ValueError(f"ngram must be a positive integer, got {ngram!r}")
-    train = _as_sequences(train_tokens, pad_id, "train_tokens")
-    query = _as_sequences(query_tokens, pad_id, "query_tokens")
-    k = _check_k(k, len(train))
-    vocab: dict[tuple[int, ...], int] = {}
-    T = _counts(train, ngram, vocab, grow=True)
-    Q = _counts(query, ngram, vocab, grow=False)
-    df = np.bincount(T.indices, minlength=len(vocab))
-    idf = np.log((1.0 + T.shape[0]) / (1.0 + df)) + 1.0
-    T, Q = _tfidf(T, idf, sublinear_tf), _tfidf(Q, idf, sublinear_tf)
-    out = []
-    rows = max(1, _BLOCK_ELEMENTS // max(T.shape[0], 1))
-    for s in range(0, Q.shape[0], rows):
-        sims = torch.from_numpy((Q[s : s + rows] @ T.T).toarray())
-        out.append(_top_k_stable(sims, k))
-    return torch.cat(out) if out else torch.empty(0, k, dtype=torch.long)
+    TF-IDF cosine similarity, most similar first: ``TfidfIndex(train_tokens, ...)
+    .candidates(query_tokens, k)`` (see :class:`TfidfIndex`; build the index once to pick
+    candidates for queries arriving one by one)."""
+    return TfidfIndex(train_tokens, ngram=ngram, pad_id=pad_id,
+                      sublinear_tf=sublinear_tf).candidates(query_tokens, k)
 
 
 def knn_candidates(query_features: Tensor, train_features: Tensor, k: int, *,
