@@ -74,8 +74,8 @@ from unlearn.tasks import ClassificationTask  # noqa: E402
 TASK = ClassificationTask()
 OUT = ROOT / "experiments/out/unlearning_mnist.json"
 DOC = ROOT / "docs/results/unlearning.md"
-TUNING = ROOT / "experiments/out/unlearning_newton_tuning.json"
-TUNING_IAU = ROOT / "experiments/out/unlearning_iau_ekfac_tuning.json"
+TUNING = ROOT / "experiments/tuned/unlearning_newton_tuning.json"
+TUNING_IAU = ROOT / "experiments/tuned/unlearning_iau_ekfac_tuning.json"
 #: the average gap's four numbers: accuracies and the soft MIA efficacy (see ``evaluate``)
 GAP = ("forget_acc", "retain_acc", "test_acc", "mia_soft")
 
@@ -961,7 +961,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tune-methods", action="store_true",
                    help="choose the baselines' learning rates and IAU + EK-FAC's correction "
                         "steps on a validation split (experiments/unlearning_tuning.py); the "
-                        "main run reads them from experiments/out/unlearning_tuning.json")
+                        "main run reads them from experiments/tuned/unlearning_tuning.json")
     p.add_argument("--fisher-samples", type=int, default=1000,
                    help="retained samples the Fisher diagonal is estimated from")
     p.add_argument("--no-certified", action="store_true")

@@ -8,7 +8,7 @@ forget set drawn with the same seed; a candidate value is scored on each fold by
 gap to the model retrained without the forget set, measured on the validation digits in place
 of the test digits, and judged by its worst fold over the seeds ``IAU_SEEDS`` (baselines and
 IAU alike). The main run then reads the chosen values from
-``experiments/out/unlearning_tuning.json``.
+``experiments/tuned/unlearning_tuning.json``.
 
 What is tuned: the baselines' learning rate (Fisher forgetting's noise scale ``alpha``; SGD
 steps at the library defaults diverged to NaN on the Adam-trained LeNet: NegGrad and SCRUB in
@@ -35,7 +35,7 @@ import torch
 import unlearning_mnist as um
 from torch.utils.data import DataLoader
 
-TUNED = um.ROOT / "experiments/out/unlearning_tuning.json"
+TUNED = um.ROOT / "experiments/tuned/unlearning_tuning.json"
 
 #: method -> (keyword argument, candidate values)
 GRIDS: dict[str, tuple[str, list[float]]] = {
