@@ -315,12 +315,7 @@ class KFACInfluence(InfluenceEstimator):
         parts = self.space.unflatten(G)
         k = G.shape[0]
         for layer in self.layers:
-            lam = self.factors[_key(layer, "lambda")].to(G.dtype)
-            denom = lam + self.damping
-            if self.damping == 0 and bool((lam <= _rank_tol(lam)).any()):
-                raise FloatingPointError(
-                    f"layer {layer.name!r}: the curvature has zero eigenvalues and damping=0, "
-                    "so (H + λI) is singular; use damping > 0")
+            lam = self._eigenvalues(layer, G.dtype)
             qg = self.factors[_key(layer, "qg")].to(G.dtype)
             reached = self._reached.get(layer.name)
             if reached is not None and self.damping > 0:
@@ -330,7 +325,7 @@ class KFACInfluence(InfluenceEstimator):
                 if not layer.diagonal_a:
                     qa = self.factors[_key(layer, "qa")].to(G.dtype)
                     M = M @ qa
-                M = qg @ (M / denom)
+                M = qg @ (M / (lam + self.damping))
                 if not layer.diagonal_a:
                     M = M @ qa.T
             for name, t in layer.from_matrix(M).items():
@@ -345,25 +340,26 @@ class KFACInfluence(InfluenceEstimator):
         return (cls._transform is InfluenceEstimator._transform
                 and cls._precondition is KFACInfluence._precondition)
 
+    def _eigenvalues(self, layer: LayerAdapter, dtype: torch.dtype) -> Tensor:
+        """The layer's eigenvalue matrix Λ; a clear error where (Λ + damping) is singular."""
+        lam = self.factors[_key(layer, "lambda")].to(dtype)
+        if self.damping == 0 and bool((lam <= _rank_tol(lam)).any()):
+            raise FloatingPointError(
+                f"layer {layer.name!r}: the curvature has zero eigenvalues and damping=0, "
+                "so (H + λI) is singular; use damping > 0")
+        return lam
+
     def _bases(self, dtype: torch.dtype) -> list[EigenBasis]:
         out = []
         for layer in self.layers:
-            lam = self.factors[_key(layer, "lambda")].to(dtype)
-            if self.damping == 0 and bool((lam <= _rank_tol(lam)).any()):
-                raise FloatingPointError(
-                    f"layer {layer.name!r}: the curvature has zero eigenvalues and damping=0, "
-                    "so (H + λI) is singular; use damping > 0")
+            lam = self._eigenvalues(layer, dtype)
             qa = None if layer.diagonal_a else self.factors[_key(layer, "qa")].to(dtype)
-            ea = self.factors.get(_key(layer, "ea"))
-            if qa is not None and ea is not None:
+            reached = self._reached.get(layer.name)
+            if reached is not None:
                 # input directions no training example reaches (eigenvalue 0 of the
                 # activation covariance: an MNIST border pixel) add nothing to any score:
-                # every training gradient is zero there, so they are left out of the GEMMs.
-                # Zero means zero to float64 rounding (the eigendecomposition runs in
-                # float64), whatever the model's dtype: rare but real inputs stay.
-                keep = ea.double() > _rank_tol(ea.double())
-                if not bool(keep.all()):
-                    qa, lam = qa[:, keep], lam[:, keep]
+                # every training gradient is zero there, so they are left out of the GEMMs
+                qa, lam = (t.to(dtype) for t in reached)
             out.append(EigenBasis(layer, self.factors[_key(layer, "qg")].to(dtype), qa,
                                   lam + self.damping))
         return out
@@ -625,7 +621,9 @@ def _reached_block(factors: dict[str, Tensor], layer: LayerAdapter
                    ) -> tuple[Tensor, Tensor] | None:
     """``(Q, Λ)``: the activation eigenvectors with a non-zero eigenvalue (the input directions
     some training example reaches) and their columns of the eigenvalue matrix, when some
-    eigenvalue is 0; ``None`` when every direction is reached or the factor is diagonal."""
+    eigenvalue is 0; ``None`` when every direction is reached or the factor is diagonal.
+    Zero means zero to float64 rounding (the eigendecomposition runs in float64), whatever the
+    model's dtype: rare but real inputs stay."""
     qa = factors.get(_key(layer, "qa"))
     if qa is None:
         return None
@@ -653,9 +651,8 @@ def _precondition_reached(M: Tensor, qg: Tensor, damping: float, Q: Tensor, lam:
 def _activation_eigh(A: Tensor, layer: str) -> tuple[Tensor, Tensor]:
     """Eigendecomposition of an activation covariance whose inputs may include coordinates that
     are exactly zero in every example (an MNIST border pixel): those are their own
-    eigenvectors with eigenvalue 0, so only the block of the other coordinates is decomposed.
-    The eigenvectors then have exact zeros in the dead rows, which :meth:`_precondition`
-    uses to skip them."""
+    eigenvectors with eigenvalue 0, so only the block of the other coordinates is decomposed
+    (a smaller eigh, and no rounding mixes the dead coordinates into the other directions)."""
     live = A.diagonal() > 0
     if bool(live.all()) or not bool(live.any()):
         return _stable_eigh(A, f"activation ({layer!r})")
