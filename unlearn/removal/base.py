@@ -145,7 +145,7 @@ def _check_task_matches(task: Task, model: nn.Module, loader: DataLoader) -> Non
 
 
 def loss_grad_sum(model: nn.Module, task: Task, loader: DataLoader, space: ParamSpace,
-               what: str, max_batches: int | None = None) -> tuple[Tensor, int]:
+                  what: str, max_batches: int | None = None) -> tuple[Tensor, int]:
     """``(Σ_i ∇ℓ_i over the loader (flat, in space's order), number of examples)``: one
     backward pass of the summed loss per batch (no per-sample gradients), in the model's
     current mode; ``max_batches`` stops early. ``what`` names the data in errors."""

@@ -263,12 +263,13 @@ class IAU(RemovalMethod):
                                      "damping or pass lr=")
         first_loss = None
         if self.max_forget_rise is not None:
-            step, info["forget_guard"], guard_loss = self._guarded_step(
-                model, space, theta0, step, batches[: self.guard_batches])
             # the guard's last forward pass is on the correction's first batches at the
-            # current weights: with its graph kept, it is that step's objective
-            if self.guard_batches == (self.retain_batches or 1):
-                first_loss = guard_loss
+            # current weights when it reads as many batches as a step: with its graph kept,
+            # it is that step's objective
+            reuse = self.retain_steps > 0 and self.guard_batches == (self.retain_batches or 1)
+            step, info["forget_guard"], guard_loss = self._guarded_step(
+                model, space, theta0, step, batches[: self.guard_batches], keep_graph=reuse)
+            first_loss = guard_loss if reuse else None
         else:
             _add_(model, space, step)
         corr = self._correct(model, batches[:n_corr], first_loss)
@@ -289,12 +290,13 @@ class IAU(RemovalMethod):
         }
 
     def _guarded_step(self, model: nn.Module, space: ParamSpace, theta0: Tensor, step: Tensor,
-                      guard: list[Any]) -> tuple[Tensor, dict[str, Any], Tensor]:
+                      guard: list[Any], keep_graph: bool = False
+                      ) -> tuple[Tensor, dict[str, Any], Tensor]:
         """Take the forget step, halved until the mean retained loss on ``guard`` (batches
         already in memory; forward passes only) rises by at most ``max_forget_rise``, at most
         ``max_halvings`` times (the last, smallest step is kept even if it still rises more).
-        Returns the step taken, what the guard saw and the last mean loss as a tensor with its
-        autograd graph (reused by the correction's first step)."""
+        Returns the step taken, what the guard saw and the last mean loss as a tensor (with its
+        autograd graph if ``keep_graph``, for the correction's first step)."""
         before = self._mean_loss(model, guard)
         if not math.isfinite(before):
             raise FloatingPointError(f"the retained loss is {before} before the forget step; "
@@ -302,7 +304,7 @@ class IAU(RemovalMethod):
         factor, after = 1.0, before
         for k in range(self.max_halvings + 1):
             _set_(model, space, theta0 + factor * step)
-            with torch.enable_grad():
+            with torch.set_grad_enabled(keep_graph):
                 loss = _batches_mean_loss(self.task, model, guard)
             after = float(loss.detach())
             if (math.isfinite(after) and after - before <= self.max_forget_rise) or (
@@ -345,7 +347,7 @@ class IAU(RemovalMethod):
         return {"retain_batches_used": self.retain_steps * per_step,
                 "retain_examples_used": _examples(self.task, batches[:self.retain_steps
                                                                     * per_step]),
-                "first_objective_reused": first_loss is not None and self.retain_steps > 0,
+                "first_objective_reused": first_loss is not None,
                 "retain_step_lrs": lrs,
                 "retain_halvings": halvings,
                 "retain_steps_rejected": sum(lr == 0.0 for lr in lrs)}
