@@ -328,3 +328,33 @@ def test_exact_rotation_in_float32():
                                V.double().T).T
     got = est.inverse_hvp(V).double()
     assert float((got - truth).norm()) <= 1e-4 * float(truth.norm())
+
+
+def test_batches_with_different_square_root_columns(monkeypatch):
+    """The output Hessian's square root drops the columns zero for a whole batch, so K can
+    differ between batches (float32 softmax, a one-example last batch): the kept factors
+    still merge, and Exact and the cached products equal the dense Gauss-Newton matrix."""
+    from unlearn.influence import ekfac
+
+    real, calls = ekfac._hessian_sqrt, []
+
+    def uneven(*a, **k):  # every other batch: one more (all-zero) column, same curvature
+        R = real(*a, **k)
+        calls.append(R.shape[0])
+        return torch.cat([R, R[:1] * 0]) if len(calls) % 2 else R
+
+    monkeypatch.setattr(ekfac, "_hessian_sqrt", uneven)
+    model, task, x, y = case("mlp")
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    H = dense_ggn(model, task, x, y)
+    est = ExactInfluence(model, task, 1e-2, curvature="ggn", progress=False).fit(loader)
+    assert est.build == "layers" and len(calls) == 3
+    assert float((est.factors["curvature"] - H).abs().max()) <= 1e-12 * float(H.abs().max())
+    space = ParamSpace.of(model)
+    V = torch.randn(3, space.numel, dtype=torch.float64, generator=torch.Generator()
+                    .manual_seed(5))
+    product = curvature_product(model, task, loader, space, "ggn")
+    first, second = product(V), product(V)  # the second from the merged factors
+    want = V @ H
+    assert float((first - want).norm()) <= 1e-12 * float(want.norm())
+    assert float((second - want).norm()) <= 1e-12 * float(want.norm())

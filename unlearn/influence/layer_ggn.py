@@ -91,16 +91,25 @@ def layer_ggn_factors(model: nn.Module, task: Task, layers: Sequence[LayerAdapte
 
 def merge_factors(batches: list[LayerFactors]) -> list[LayerFactors]:
     """The batches' factors as one batch (fewer, larger GEMMs per product) where every layer
-    has the same positions and square-root columns in all of them; else unchanged."""
+    has the same positions in all of them; else unchanged. The number of square-root columns
+    K may differ between batches (the output Hessian's square root leaves out the columns
+    that are zero for the whole batch): the smaller ones are padded with zero columns, which
+    add nothing to any product."""
     if len(batches) < 2:
         return batches
     first = batches[0]
     same = all(x.shape[1:] == y.shape[1:] for f in batches[1:]
-               for x, y in zip([*f.a, *f.g], [*first.a, *first.g], strict=True))
+               for x, y in zip(f.a, first.a, strict=True)) and \
+        all(x.shape[2:] == y.shape[2:] for f in batches[1:]
+            for x, y in zip(f.g, first.g, strict=True))
     if not same:
         return batches
-    return [LayerFactors(a=[torch.cat(ts) for ts in zip(*(f.a for f in batches), strict=True)],
-                         g=[torch.cat(ts) for ts in zip(*(f.g for f in batches), strict=True)])]
+    K = max(f.g[0].shape[1] for f in batches)
+    return [LayerFactors(
+        a=[torch.cat(ts) for ts in zip(*(f.a for f in batches), strict=True)],
+        g=[torch.cat([t if t.shape[1] == K else nn.functional.pad(t, (0, 0, 0, K - t.shape[1]))
+                      for t in ts])
+           for ts in zip(*(f.g for f in batches), strict=True)])]
 
 
 def layer_ggn_product(layers: Sequence[LayerAdapter], f: LayerFactors,
