@@ -457,3 +457,5 @@ def test_reusing_the_guards_forward_changes_nothing(digits):
     # a guard over more batches than one correction step reads is not reused
     wide = run(IAU(TASK, guard_batches=2, **kw), digits)
     assert not wide.details["first_objective_reused"]
+    # without a correction the guard keeps no graph
+    assert not run(IAU(TASK, retain_steps=0), digits).details["first_objective_reused"]
