@@ -358,3 +358,31 @@ def test_batches_with_different_square_root_columns(monkeypatch):
     want = V @ H
     assert float((first - want).norm()) <= 1e-12 * float(want.norm())
     assert float((second - want).norm()) <= 1e-12 * float(want.norm())
+
+
+
+@pytest.mark.parametrize("per_group", [1, 2])
+def test_query_batches_preconditioned_in_groups_give_the_same_scores(per_group, monkeypatch):
+    """Query batches are preconditioned together up to ``_QUERY_GROUP_ELEMENTS`` entries:
+    any grouping (each batch alone; two at a time and a remainder) gives the same scores as
+    one group, for Exact's triangular solves and Arnoldi (projected coordinates, and full
+    ones with rank-limited queries)."""
+    from unlearn.influence import base
+
+    model, task, x, y = case("mlp")
+    q, t = DataLoader(TensorDataset(x, y), batch_size=5), DataLoader(TensorDataset(x, y),
+                                                                     batch_size=10)
+    exact = ExactInfluence(model, task, 1e-2, curvature="ggn", progress=False).fit(t)
+    arnoldi = ArnoldiInfluence(model, task, damping=0.05, curvature="ggn", rank=6,
+                               progress=False).fit(t)
+    for est in (exact, arnoldi):
+        for rank in (None, 2):
+            est.query_rank = rank
+            with monkeypatch.context() as m:
+                m.setattr(base, "_QUERY_GROUP_ELEMENTS", 1 << 40)  # all queries in one group
+                ref = est.scores(q, t)
+            width = est._transform(torch.zeros(1, est.space.numel, dtype=torch.float64))
+            with monkeypatch.context() as m:  # flush after per_group batches of 5 queries
+                m.setattr(base, "_QUERY_GROUP_ELEMENTS", per_group * 5 * width.shape[1])
+                got = est.scores(q, t)
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-15)
