@@ -51,7 +51,7 @@ from unlearn.audit.certificate import (
     check_lines,
 )
 from unlearn.recommend.data import InteractionGraph
-from unlearn.recommend.metrics import forgetting_report, never_seen_pairs
+from unlearn.recommend.metrics import _membership_pairs, forgetting_report
 from unlearn.recommend.model import score_matrix
 from unlearn.removal.base import RemovalResult
 
@@ -303,9 +303,7 @@ def certify_recommendation(
 def _membership_se(model: nn.Module, refs: Sequence[nn.Module], remaining: InteractionGraph,
                    forget: Tensor, n_random: int, seed: int) -> float:
     """:func:`paired_auc_se` on the pairs :func:`forgetting_report` measures the AUC on."""
-    deleted = remaining.pairs(forget)
-    never = never_seen_pairs(remaining, min(n_random, remaining.n_users * remaining.n_items
-                                            - len(remaining.all_keys())), seed)
+    deleted, never = _membership_pairs(remaining, forget, n_random, seed)
 
     def scores(m: nn.Module) -> tuple[Tensor, Tensor]:
         s = score_matrix(m, remaining).float()

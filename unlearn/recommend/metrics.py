@@ -128,10 +128,7 @@ def deleted_pair_scores(model_or_scores: nn.Module | Tensor, graph: InteractionG
     level of their own user (users differ in score scale, so this is the like-for-like
     comparison)."""
     scores = _scores(model_or_scores, graph)
-    deleted = graph.pairs(deleted_ids)
-    if len(deleted) == 0:
-        raise ValueError("no deleted interaction ids given")
-    never = never_seen_pairs(graph, _available(graph, n_random), seed)
+    deleted, never = _membership_pairs(graph, deleted_ids, n_random, seed)
     retained = _sample_rows(graph.train_pairs(), n_random, seed)
     seen = torch.zeros(graph.n_users, graph.n_items, dtype=torch.bool)
     seen[graph.interactions[:, 0], graph.interactions[:, 1]] = True
@@ -153,6 +150,16 @@ def _available(graph: InteractionGraph, n: int) -> int:
     return min(n, graph.n_users * graph.n_items - len(graph.all_keys()))
 
 
+def _membership_pairs(graph: InteractionGraph, deleted_ids: Any, n_random: int,
+                      seed: int) -> tuple[Tensor, Tensor]:
+    """``(deleted, never_seen)`` ``[n, 2]`` pairs the forgetting metrics compare: the
+    ``deleted_ids``' pairs and ``n_random`` never-seen pairs (fewer if fewer exist)."""
+    deleted = graph.pairs(deleted_ids)
+    if len(deleted) == 0:
+        raise ValueError("no deleted interaction ids given")
+    return deleted, never_seen_pairs(graph, _available(graph, n_random), seed)
+
+
 def _sample_rows(rows: Tensor, n: int, seed: int) -> Tensor:
     g = torch.Generator().manual_seed(seed + 1)
     return rows[torch.randperm(len(rows), generator=g)[:n]]
@@ -165,8 +172,7 @@ def membership_auc(model_or_scores: nn.Module | Tensor, graph: InteractionGraph,
     that forgot treats deleted pairs like unseen ones: the first AUC falls and the second
     rises, towards the retrained model's values."""
     scores = _scores(model_or_scores, graph)
-    deleted = graph.pairs(deleted_ids)
-    never = never_seen_pairs(graph, _available(graph, n_random), seed)
+    deleted, never = _membership_pairs(graph, deleted_ids, n_random, seed)
     retained = _sample_rows(graph.train_pairs(), n_random, seed)
     d = scores[deleted[:, 0], deleted[:, 1]]
     return {
