@@ -225,5 +225,12 @@ def test_membership_band_catches_over_forgetting_of_a_small_request(graph, model
     narrow = certify_recommendation(flipped, graph, forget, references=refs, auc_z=0.0)
     nm = next(c for c in narrow.checks if c.name == "membership_auc")
     assert nm.low >= mia.low
+    # where auc_z standard errors exceed k reference spreads and the floor, they set the band
+    wide = certify_recommendation(other, graph, forget, references=refs, auc_z=10.0)
+    wm = next(c for c in wide.checks if c.name == "membership_auc")
+    se = wide.config["membership_auc_se"]
+    assert 10.0 * se > max(3.0 * wm.ref_std, 0.05)
+    assert wm.high - wm.ref_mean == pytest.approx(10.0 * se)
+    assert wm.ref_mean - wm.low == pytest.approx(10.0 * se)
     with pytest.raises(ValueError, match="auc_z"):
         certify_recommendation(flipped, graph, forget, references=refs, auc_z=-1.0)
