@@ -202,7 +202,7 @@ def _estimator_factory(name: str) -> Any:
     # the estimators whose inverse-HVP approximates (H + λI)⁻¹ (not TracIn, gradient
     # similarity or SGD-influence)
     classes = {n.removesuffix("Influence").lower(): n for n in influence.__all__
-               if n.endswith("Influence") and n != "InfluenceEstimator"
+               if n.endswith("Influence")
                and getattr(getattr(influence, n), "inverts_curvature", False)}
     if not isinstance(name, str) or name.lower() not in classes:
         raise ProjectError(f"unknown estimator {name!r} for method 'newton'; choose one of "
