@@ -226,6 +226,27 @@ def test_per_user_reference_puts_deleted_pairs_below_their_users_random_items(mo
     assert after["recall@20"] > before["recall@20"] - 0.1
 
 
+def test_the_unlearning_level_is_per_pair_with_the_user_reference(model, graph, monkeypatch):
+    # "user": each deleted pair is compared with its own user's random items (one level per
+    # pair, varying with the user); "global": one level, the random pairs' mean
+    import unlearn.removal.recommend as rr
+
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def spy(deleted, level, margin=0.0, floor=None):
+        seen[reference] = (deleted.detach(), level.detach())
+        return unlearn_hinge(deleted, level, margin, floor)
+
+    monkeypatch.setattr(rr, "unlearn_hinge", spy)
+    forget = forget_request(graph, users=[3, 17])
+    for reference in ("user", "global"):
+        cfg = replace(ENCODER, unlearn_reference=reference, pretrain_steps=2, finetune_steps=2)
+        UnlearnRec(cfg).unlearn(model, graph, forget)
+    deleted, level = seen["user"]
+    assert level.shape == deleted.shape and float(level.std()) > 0
+    assert seen["global"][1].ndim == 0
+
+
 def test_float64_model(graph, model):
     double = copy.deepcopy(model).double()
     forget = graph.user_interaction_ids(3)
