@@ -4,18 +4,20 @@ For small models (up to a few thousand parameters): builds the full ``P × P`` H
 Gauss-Newton matrix ``H`` of the mean training loss and applies ``(H + λI)⁻¹``.
 
 Building ``H``: in general column block by column block from curvature-vector products. For
-the Gauss-Newton matrix of a model whose parameters all sit in Linear / Conv2d / Embedding
-layers used once per example at one position (logistic regression, MLPs) it is assembled
-directly from layer hooks instead: with ``L_b`` a square root of example b's output Hessian,
-each column k of ``L_b`` back-propagated gives ``g_bk`` at every layer, and the block between
-layers l and m is ``(1/n) Σ_b (Σ_k g_bkl g_bkmᵀ) ⊗ (a_bl a_bmᵀ)``: a few large GEMMs, no
-per-parameter passes over the data.
+the Gauss-Newton matrix of a model whose parameters all sit in Linear / Conv2d layers used
+once per example at one position (logistic regression, MLPs) it is assembled directly from
+layer hooks instead: with ``L_b`` a square root of example b's output Hessian, each column k
+of ``L_b`` back-propagated gives ``g_bk`` at every layer, and the block between layers l and
+m is ``(1/n) Σ_b (Σ_k g_bkl g_bkmᵀ) ⊗ (a_bl a_bmᵀ)``: a few large GEMMs, no per-parameter
+passes over the data.
 
-Solving: a float64 Cholesky factorisation of ``H + λI`` (``cholesky_solve`` per batch of
-vectors), since only inverse-HVPs are needed. The eigendecomposition is used where the
-eigenvalues matter: ``clip_negative=True``, ``damping=0`` (to detect a singular system), and
-when ``H + λI`` is not positive definite (an indefinite Hessian). ``factors["eigenvalues"]``
-and ``factors["eigenvectors"]`` stay available: computed on first access.
+Solving: a float64 Cholesky factorisation of ``H + λI`` (two triangular solves per group of
+vectors), since only inverse-HVPs are needed; after a layer-wise build, of its block without
+the all-zero rows and null output directions (``1/λ`` there). The eigendecomposition is used
+where the eigenvalues matter: ``clip_negative=True``, ``damping=0`` (to detect a singular
+system), and when ``H + λI`` is not positive definite (an indefinite Hessian).
+``factors["eigenvalues"]`` and ``factors["eigenvectors"]`` stay available: computed on first
+access.
 """
 
 from __future__ import annotations
