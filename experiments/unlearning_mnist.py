@@ -288,17 +288,16 @@ def tune_newton(args: argparse.Namespace, log: Callable[[str], None],
     """Choose the EK-FAC damping of ``method`` (the Newton removal, or ``iau_ekfac``) on a
     validation split carved out of the training digits (the test digits are never read):
     seed 0, 10% random forgetting."""
-    from unlearning_tuning import validation_split
+    from unlearning_tuning import fold_for, validation_split
 
     from unlearn.removal.iau import IAU
     from unlearn.removal.newton import NewtonRemoval
 
-    sub, val, ld = validation_split(args)
+    sub, val, _ = validation_split(args)
     out: dict[str, Any] = {}
     for kind in args.models:
-        original, _ = train_model(kind, sub, 0)
-        ref = evaluate(Retrain(TASK, FACTORIES[kind], recipe=RECIPES[kind], seed=0).unlearn(
-            original, forget=ld["forget"], retain=ld["retain"]).model, ld, 0)
+        fold = fold_for(kind, 0, args, ekfac=False)
+        original, ld, ref = fold["original"], fold["ld"], fold["ref"]
         gaps = {}
         for damping in args.tune_dampings:
             est, _ = fit_ekfac(original, sub, damping)
@@ -1111,8 +1110,12 @@ def update(args: argparse.Namespace, out: Path) -> None:
         if run["model"] not in args.models or run["seed"] >= args.seeds:
             continue
         new = run_one(run["model"], run["seed"], train, test, args, log)
+        if "ekfac_fit_seconds" in new and "ekfac_iau_fit_seconds" not in run \
+                and "iau_ekfac_damping" in run and "iau_ekfac" not in args.methods:
+            # IAU + EK-FAC shared Newton's fit, which is being replaced: keep its own time
+            run["ekfac_iau_fit_seconds"] = run.get("ekfac_fit_seconds")
         for key in ("ekfac_fit_seconds", "sisa_train_seconds", "iau_ekfac_damping",
-                    "ekfac_iau_fit_seconds"):
+                    "ekfac_iau_fit_seconds", "newton_damping"):
             if key in new:
                 run[key] = new[key]
             elif key == "ekfac_iau_fit_seconds" and "iau_ekfac" in args.methods:

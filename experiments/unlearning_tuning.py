@@ -137,17 +137,18 @@ def _validation_gap(method: str, kind: str, kw: dict[str, Any], fold: dict[str, 
     return um.average_gap(um.evaluate(res.model, ld, fold["seed"]), fold["ref"], um.GAP), res
 
 
-def fold_for(kind: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def fold_for(kind: str, seed: int, args: argparse.Namespace, ekfac: bool = True
+             ) -> dict[str, Any]:
     """One validation fold: a model trained on the train part with ``seed``, a 10% random
     forget set drawn with ``seed``, the retrained reference's metrics, and for IAU + EK-FAC
-    its estimator."""
+    (with ``ekfac``) its estimator."""
     sub, _, ld = validation_split(args, seed)
     original, _ = um.train_model(kind, sub, seed)
     ref = um.evaluate(um.Retrain(um.TASK, um.FACTORIES[kind], recipe=um.RECIPES[kind],
                                  seed=seed).unlearn(original, forget=ld["forget"],
                                                     retain=ld["retain"]).model, ld, seed)
     fold: dict[str, Any] = {"seed": seed, "original": original, "ld": ld, "ref": ref}
-    if "iau_ekfac" in args.methods:
+    if ekfac and "iau_ekfac" in args.methods:
         damping = um.newton_damping(args.iau_ekfac_damping if args.iau_ekfac_damping
                                     != "newton" else args.newton_damping, kind)
         fold["ekfac_iau"], _ = um.fit_ekfac(original, sub, damping)
