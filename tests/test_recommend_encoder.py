@@ -265,3 +265,24 @@ def test_untouched_nodes_keep_their_embeddings(graph, model, method):
     touched[pairs[:, 1] + graph.n_users] = True
     moved = (new.embedding.weight - model.embedding.weight).abs().sum(1) > 0
     assert bool(moved[touched].all()) and not bool(moved[~touched].any())
+
+
+def test_with_finetuning_shares_the_pretraining_and_changes_only_the_fine_tuning(model, graph,
+                                                                                 method):
+    forget = graph.user_interaction_ids(3)
+    before = {k: v.clone() for k, v in method.encoder.state_dict().items()}
+    none = method.with_finetuning(finetune_steps=0)
+    assert none.encoder is method.encoder and none.config.finetune_steps == 0
+    assert none.config.lambda_unlearn == method.config.lambda_unlearn
+    assert none.is_pretrained_for(model)
+    r0 = none.unlearn(model, graph, forget)
+    assert r0.details["pretrain_seconds"] == 0.0 and r0.details["finetune_steps"] == 0
+    again = method.with_finetuning(finetune_steps=0).unlearn(model, graph, forget)
+    assert torch.equal(r0.model.embedding.weight, again.model.embedding.weight)
+    tuned = method.with_finetuning(finetune_steps=5).unlearn(model, graph, forget)
+    assert not torch.equal(r0.model.embedding.weight, tuned.model.embedding.weight)
+    # the shared encoder is never changed by a request's fine-tuning
+    for k, v in method.encoder.state_dict().items():
+        assert torch.equal(v, before[k])
+    with pytest.raises(ValueError, match="lambda_unlearn"):
+        method.with_finetuning(lambda_unlearn=2.0)

@@ -36,13 +36,15 @@ def _rows(grid, recall, auc, deleted):
                             "auc_vs_never_seen": 0.70, "deleted_mean": 3.0})
             else:
                 out.append({**base, "method": "unlearnrec", **grid, "recall@20": recall,
-                            "auc_vs_never_seen": auc, "deleted_mean": deleted})
+                            "auc_vs_never_seen": auc, "deleted_mean": deleted,
+                            "seconds": 0.01 * (1 + grid["finetune_steps"])})
     return out
 
 
 def test_unlearnrec_rule_keeps_recall_and_forbids_over_forgetting(monkeypatch):
-    grids = [{"unlearn_reference": "global", "unlearn_floor": f, "lambda_unlearn": lam}
-             for f, lam in ((None, 1.0), (1.0, 1.0), (1.0, 4.0), (1.0, 0.3))]
+    grids = [{"unlearn_reference": "global", "unlearn_floor": f, "lambda_unlearn": lam,
+              "finetune_steps": 10} for f, lam in ((None, 1.0), (1.0, 1.0), (1.0, 4.0),
+                                                   (1.0, 0.3))]
     monkeypatch.setattr(ru, "UNLEARN_GRID", tuple(grids))
     rows = _rows(None, 0, 0, 0)
     rows += _rows(grids[0], 0.30, 0.50, 0.0)   # lowest deleted score, but over-forgets
@@ -55,3 +57,25 @@ def test_unlearnrec_rule_keeps_recall_and_forbids_over_forgetting(monkeypatch):
     assert ru.choose_unlearnrec(rows) == grids[1]
     # nothing feasible: no choice rather than a bad one
     assert ru.choose_unlearnrec(_rows(None, 0, 0, 0) + _rows(grids[2], 0.25, 0.5, 1.0)) is None
+
+
+def test_unlearnrec_rule_takes_the_fewest_steps_within_the_tolerance(monkeypatch):
+    def grid(steps, lam=1.0):
+        return {"unlearn_reference": "global", "unlearn_floor": 1.0, "lambda_unlearn": lam,
+                "finetune_steps": steps}
+
+    grids = [grid(0), grid(3), grid(10), grid(1, 2.0)]
+    monkeypatch.setattr(ru, "UNLEARN_GRID", tuple(grids))
+    tol = ru.OBJECTIVE_TOL
+    rows = _rows(None, 0, 0, 0)
+    rows += _rows(grids[0], 0.30, 0.70, 2.0 + 3 * tol)   # cheapest, but forgets clearly less
+    rows += _rows(grids[1], 0.30, 0.70, 2.0 + 0.5 * tol)  # within the tolerance of the best
+    rows += _rows(grids[2], 0.30, 0.70, 2.0)              # the lowest score
+    rows += _rows(grids[3], 0.25, 0.70, 1.0)              # lower still, but loses recall
+    assert ru.choose_unlearnrec(rows) == grids[1]
+    summary = ru.grid_summary(rows)
+    assert [s["seconds"] for s in summary[:3]] == pytest.approx([0.01, 0.04, 0.11])
+    # a cheaper configuration that forgets clearly less does not displace the best
+    rows = _rows(None, 0, 0, 0) + _rows(grids[0], 0.30, 0.70, 2.0 + 3 * tol) \
+        + _rows(grids[2], 0.30, 0.70, 2.0)
+    assert ru.choose_unlearnrec(rows) == grids[2]

@@ -32,6 +32,7 @@ PACKAGES: tuple[tuple[str, str], ...] = (
     ("unlearn.lightning.gan", "a GAN LightningModule whose log feeds cleansing"),
     ("unlearn.recommend", "recommendation data, LightGCN backbone, ranking metrics"),
     ("unlearn.recommend.protocol", "the recommendation removal protocol"),
+    ("unlearn.recommend.sparse", "symmetric sparse propagation with a cheap backward"),
     ("unlearn.removal.recommend", "UnlearnRec, the pre-trained influence encoder"),
     ("baselines.recommend", "recommendation baselines"),
     ("unlearn.recommend.requests", "recommendation deletion requests through the ledger"),

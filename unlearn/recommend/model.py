@@ -11,7 +11,6 @@ with, drawn uniformly; loss ``-log σ(s_ui - s_uj) + reg/2 (|e_u|² + |e_i|² + 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -25,6 +24,7 @@ from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.nn.models import LightGCN
 
 from unlearn.recommend.data import InteractionGraph
+from unlearn.recommend.sparse import as_symmetric_csr, symmetric_matmul
 
 __all__ = [
     "BPRConfig",
@@ -138,10 +138,9 @@ def normalized_adjacency(graph: InteractionGraph, device: torch.device | str = "
         ei = graph.edge_index()
         ei_n, w = gcn_norm(ei, None, graph.num_nodes, add_self_loops=False)
         # LGConv's flow is source -> target: out[target] += w * x[source], so A[target, source]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR is in beta"
-            adj = torch.sparse_coo_tensor(ei_n.flip(0), w, (graph.num_nodes,) * 2).coalesce()
-            graph._cache[key] = adj.to_sparse_csr().to(device)
+        adj = torch.sparse_coo_tensor(ei_n.flip(0), w, (graph.num_nodes,) * 2,
+                                      check_invariants=True)
+        graph._cache[key] = as_symmetric_csr(adj).to(device)
     return graph._cache[key]
 
 
@@ -155,7 +154,7 @@ def propagate(model: LightGCN, graph: InteractionGraph, weight: Tensor | None = 
     alpha = model.alpha.to(x.dtype)
     out = x * alpha[0]
     for layer in range(model.num_layers):
-        x = adj @ x
+        x = symmetric_matmul(adj, x)
         out = out + x * alpha[layer + 1]
     return out
 

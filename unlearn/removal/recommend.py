@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from unlearn.recommend.data import InteractionGraph
 from unlearn.recommend.protocol import RecRemovalMethod
+from unlearn.recommend.sparse import as_symmetric_csr, symmetric_matmul
 from unlearn.removal.base import RemovalResult
 
 __all__ = ["UnlearnRecConfig", "InfluenceEncoder", "UnlearnRec", "PretrainReport", "RecEdges",
@@ -94,7 +95,7 @@ def normalized_adjacency(users: Tensor, items: Tensor, num_users: int, num_nodes
                          dtype: torch.dtype = torch.float32,
                          degrees: Tensor | None = None) -> Tensor:
     """``D^-1/2 A D^-1/2`` of the bipartite graph (both directions, no self-loops) as a
-    coalesced sparse COO matrix: the propagation matrix of torch-geometric's ``LGConv``.
+    sparse CSR matrix: the propagation matrix of torch-geometric's ``LGConv``.
     ``degrees`` replaces ``D`` (e.g. the full training graph's degrees for a subgraph)."""
     row = torch.cat([users, items + num_users])
     col = torch.cat([items + num_users, users])
@@ -102,8 +103,9 @@ def normalized_adjacency(users: Tensor, items: Tensor, num_users: int, num_nodes
     inv = deg.pow(-0.5)
     inv[deg == 0] = 0.0
     val = inv[row] * inv[col]
-    return torch.sparse_coo_tensor(torch.stack([row, col]), val, (num_nodes, num_nodes),
-                                   check_invariants=False).coalesce()
+    coo = torch.sparse_coo_tensor(torch.stack([row, col]), val, (num_nodes, num_nodes),
+                                  check_invariants=False)
+    return as_symmetric_csr(coo, check=False)  # symmetric by construction
 
 
 def lightgcn_embeddings(model: nn.Module, layer0: Tensor, adj: Tensor) -> Tensor:
@@ -112,7 +114,7 @@ def lightgcn_embeddings(model: nn.Module, layer0: Tensor, adj: Tensor) -> Tensor
     alpha = model.alpha.to(layer0.dtype)
     x, out = layer0, layer0 * alpha[0]
     for layer in range(model.num_layers):
-        x = adj @ x
+        x = symmetric_matmul(adj, x)
         out = out + x * alpha[layer + 1]
     return out
 
@@ -126,7 +128,7 @@ def _propagate(adj: Tensor, x: Tensor, layers: int) -> Tensor:
     """``Σ_{l=1..L} adj^l x``: zero on every node the deleted-edge graph does not touch."""
     out = torch.zeros_like(x)
     for _ in range(layers):
-        x = adj @ x
+        x = symmetric_matmul(adj, x)
         out = out + x
     return out
 
@@ -284,10 +286,19 @@ def _random_items(users: Tensor, num_items: int, train_keys: Tensor,
     """An item per user, resampled once where it hits a training interaction (ML-100K is 6 %
     dense, so one round leaves ~0.4 % collisions, harmless as negatives)."""
     items = torch.randint(num_items, users.shape, generator=gen)
-    hit = torch.isin(users * num_items + items, train_keys)
+    hit = _in_sorted(users * num_items + items, train_keys)
     if hit.any():
         items[hit] = torch.randint(num_items, (int(hit.sum()),), generator=gen)
     return items
+
+
+def _in_sorted(keys: Tensor, sorted_keys: Tensor) -> Tensor:
+    """``torch.isin(keys, sorted_keys)`` by binary search (several times faster for a few
+    thousand keys against the whole training graph's)."""
+    if sorted_keys.numel() == 0:
+        return torch.zeros_like(keys, dtype=torch.bool)
+    pos = torch.searchsorted(sorted_keys, keys).clamp(max=sorted_keys.numel() - 1)
+    return sorted_keys[pos] == keys
 
 
 def _sample(n: int, k: int, gen: torch.Generator) -> Tensor:
@@ -340,7 +351,7 @@ def _losses(encoder: InfluenceEncoder, ctx: _Context, req: _Request, cfg: Unlear
     if cfg.unlearn_reference == "user":
         level = new_scores[len(u) + len(rand_u):].detach().view(len(d), -1).mean(1)
     else:
-        unseen = ~torch.isin(rand_u * ni + rand_i, ctx.train_keys)
+        unseen = ~_in_sorted(rand_u * ni + rand_i, ctx.train_keys)
         level = new_scores[len(u):len(u) + len(rand_u)][unseen].mean().detach()
     unlearn_loss = unlearn_hinge(pair_scores(final, d.users, d.items, nu), level,
                                  cfg.unlearn_margin, cfg.unlearn_floor)
@@ -439,6 +450,22 @@ class UnlearnRec(RecRemovalMethod):
         self.pretrain_report = PretrainReport(time.perf_counter() - start, cfg.pretrain_steps,
                                               final)
         return self.pretrain_report
+
+    #: the fields only the per-request fine-tuning reads: changing them keeps the encoder
+    FINETUNE_FIELDS = ("finetune_steps", "finetune_lr")
+
+    def with_finetuning(self, **changes: Any) -> UnlearnRec:
+        """A method sharing this one's pre-trained encoder, with other fine-tuning settings
+        (``finetune_steps``, ``finetune_lr``): what one pre-training serves when requests
+        want different depths of fine-tuning. The encoder is never changed in place."""
+        unknown = set(changes) - set(self.FINETUNE_FIELDS)
+        if unknown:
+            raise ValueError(f"with_finetuning changes only {', '.join(self.FINETUNE_FIELDS)};"
+                             f" {', '.join(sorted(unknown))} would need a new pre-training")
+        other = UnlearnRec(self.config, **changes)
+        other.encoder, other.pretrain_report = self.encoder, self.pretrain_report
+        other._fingerprint = self._fingerprint
+        return other
 
     def is_pretrained_for(self, model: nn.Module) -> bool:
         """Whether the encoder was pre-trained on exactly these embeddings."""
