@@ -72,7 +72,7 @@ METHODS = ("retrain", "finetune", "influence", "sharded-retrain", "unlearnrec")
 SWEEP = (0.3, 1.0, 2.0, 4.0)
 #: the configuration UnlearnRec had before the settings were chosen on validation
 PREVIOUS = {"unlearn_reference": "global", "unlearn_floor": 1.0, "lambda_unlearn": 1.0,
-            "finetune_steps": 10}
+            "finetune_steps": 10, "reset_emptied": False}
 
 
 def describe(config: dict[str, Any]) -> str:
@@ -81,7 +81,7 @@ def describe(config: dict[str, Any]) -> str:
     return (f"{config['unlearn_reference']} reference, "
             f"{'no floor' if floor is None else f'floor {floor:g}'}, "
             f"λ_unlearn {config['lambda_unlearn']:g}, {config['finetune_steps']} fine-tuning "
-            "steps")
+            "steps" + ("" if config.get("reset_emptied", True) else ", no reset"))
 
 
 def variants(default: UnlearnRecConfig) -> dict[str, dict[str, Any]]:
@@ -93,6 +93,8 @@ def variants(default: UnlearnRecConfig) -> dict[str, dict[str, Any]]:
     for steps in FINETUNE_STEPS:
         if steps != default.finetune_steps:
             out[f"unlearnrec[finetune_steps={steps}]"] = {"finetune_steps": steps}
+    out[f"unlearnrec[{'no reset' if default.reset_emptied else 'reset'}]"] = {
+        "reset_emptied": not default.reset_emptied}
     for lam in SWEEP:
         if lam != default.lambda_unlearn:
             out[f"unlearnrec[lambda_u={lam:g}]"] = {"lambda_unlearn": lam}
@@ -159,8 +161,8 @@ def run_seed(graph: Any, seed: int, cfg: BPRConfig, rows: list[dict[str, Any]],
         for name, change in variants(unlearnrec.config).items():
             if (seed, scenario, name) in done:
                 continue
-            if name not in pretrained and set(change) <= set(UnlearnRec.FINETUNE_FIELDS):
-                pretrained[name] = unlearnrec.with_finetuning(**change)
+            if name not in pretrained and set(change) <= set(UnlearnRec.REQUEST_FIELDS):
+                pretrained[name] = unlearnrec.with_request_settings(**change)
             elif name not in pretrained:
                 variant = UnlearnRec(replace(unlearnrec.config, **change))
                 variant.pretrain(base, graph)
@@ -190,13 +192,15 @@ VAL_FRACTION = 0.1
 BPR_LRS = (2e-3, 5e-3, 1e-2)
 BPR_MAX_EPOCHS = 160
 #: UnlearnRec's grid: the unlearning loss's reference level, its floor, its weight (each
-#: pre-trained once), and the fine-tuning steps per request (sharing that pre-training)
+#: pre-trained once), and the per-request settings sharing that pre-training: fine-tuning
+#: steps, and whether nodes left without edges are re-initialised
 LOSS_GRID = tuple({"unlearn_reference": ref, "unlearn_floor": floor, "lambda_unlearn": lam}
                   for ref in ("global", "user") for floor in (None, 1.0)
                   for lam in (0.3, 1.0, 2.0, 4.0))
 FINETUNE_STEPS = (0, 1, 3, 5, 10)
-UNLEARN_GRID = tuple({**loss, "finetune_steps": steps} for loss in LOSS_GRID
-                     for steps in FINETUNE_STEPS)
+REQUEST_GRID = tuple({"finetune_steps": steps, "reset_emptied": reset}
+                     for reset in (True, False) for steps in FINETUNE_STEPS)
+UNLEARN_GRID = tuple({**loss, **request} for loss in LOSS_GRID for request in REQUEST_GRID)
 #: configurations whose objective is within this of the best feasible one count as equally
 #: good, and the one with the fewest fine-tuning steps (the cheapest request) is taken: about
 #: the seed-to-seed spread of the deleted-pair mean score
@@ -315,15 +319,15 @@ def tune_unlearnrec(val: Any, cfg: BPRConfig, seeds: list[int], log: Any) -> dic
         for loss in LOSS_GRID:
             pretrained = UnlearnRec(UnlearnRecConfig(seed=seed, **loss))
             pretrained.pretrain(base, val)
-            for steps in FINETUNE_STEPS:
-                method = pretrained.with_finetuning(finetune_steps=steps)
+            for request in REQUEST_GRID:
+                method = pretrained.with_request_settings(**request)
                 for sc, groups in reqs.items():
                     res = method.unlearn(base, val, groups["all"])
                     row = {"seed": seed, "scenario": sc, "method": "unlearnrec", **loss,
-                           "finetune_steps": steps, "seconds": float(res.seconds),
+                           **request, "seconds": float(res.seconds),
                            **measure_groups(res.model, remaining[sc], groups)}
                     rows.append(row)
-                log(f"tune seed {seed} {loss} {steps} steps: " + "; ".join(
+                log(f"tune seed {seed} {loss} {request}: " + "; ".join(
                     f"{r['scenario']} recall {r['recall@20']:.4f} "
                     f"auc {r['auc_vs_never_seen']:.3f}" for r in rows[-len(reqs):]))
     return {"rows": rows, "chosen": choose_unlearnrec(rows)}
@@ -566,8 +570,9 @@ def write_report(data: dict[str, Any], path: Path) -> None:
         "",
         "Each variant changes only the named fields of the default (and is pre-trained and "
         "applied with them, on the same base model and request; `finetune_steps=k`: k "
-        "fine-tuning steps per request, sharing the default's pre-training); `lambda_u` = "
-        "λ_unlearn, "
+        "fine-tuning steps per request, and `no reset` / `reset`: without / with the "
+        "re-initialisation of nodes left without edges, both sharing the default's "
+        "pre-training); `lambda_u` = λ_unlearn, "
         "`user reference` / `global reference` = the unlearning hinge's level, `floor 1` / "
         "`no floor` = with / without the pull-up of deleted pairs more than 1 below it, "
         f"`previous default` = the configuration before this validation ({describe(PREVIOUS)}).",
@@ -647,8 +652,9 @@ def tuning_section(tune: dict[str, Any], data: dict[str, Any]) -> list[str]:
         f"seeds and request types, within {OBJECTIVE_TOL} of the lowest (about the "
         "seed-to-seed spread of that mean), and take the one with the fewest fine-tuning "
         "steps per request (the cheapest), then the lowest score. The loss settings are "
-        "pre-trained once per seed; the step counts share that pre-training "
-        "(`UnlearnRec.with_finetuning`). Chosen: **"
+        "pre-trained once per seed; the per-request settings (fine-tuning steps, the reset "
+        "of nodes left without edges) share that pre-training "
+        "(`UnlearnRec.with_request_settings`). Chosen: **"
         + (", ".join(f"{k} {v}" for k, v in chosen_ur.items()) if chosen_ur else "none "
            "feasible") + "**.",
         "",
@@ -656,15 +662,16 @@ def tuning_section(tune: dict[str, Any], data: dict[str, Any]) -> list[str]:
         "is more forgetting), marked ✗ where the configuration is not feasible; bold: chosen.",
         "",
         "| reference | floor | λ_unlearn | " + " | ".join(
-            f"{k} fine-tuning steps" for k in FINETUNE_STEPS) + " |",
-        "| --- | --- | --- |" + " --- |" * len(FINETUNE_STEPS),
+            f"{r['finetune_steps']} steps{'' if r['reset_emptied'] else ', no reset'}"
+            for r in REQUEST_GRID) + " |",
+        "| --- | --- | --- |" + " --- |" * len(REQUEST_GRID),
     ]
     summary = grid_summary(urows)
     for loss in LOSS_GRID:
         cells = []
-        for steps in FINETUNE_STEPS:
-            sm = next((x for x in summary if all(x[k] == v for k, v in loss.items())
-                       and x["finetune_steps"] == steps), None)
+        for request in REQUEST_GRID:
+            sm = next((x for x in summary if all(x[k] == v for k, v in
+                                                 {**loss, **request}.items())), None)
             if sm is None:
                 cells.append("–")
                 continue
@@ -675,18 +682,22 @@ def tuning_section(tune: dict[str, Any], data: dict[str, Any]) -> list[str]:
         lines.append(f"| {loss['unlearn_reference']} | {loss['unlearn_floor']} | "
                      f"{loss['lambda_unlearn']:g} | " + " | ".join(cells) + " |")
     if chosen_ur:
-        lines += ["", "The chosen loss settings at each number of fine-tuning steps (means "
-                  "over seeds; seconds = one request, pre-training excluded):", "",
-                  "| fine-tuning steps | worst mean Recall@20 gap | worst mean AUC shortfall "
-                  "| deleted − never-seen (all requests) | interactions-5%: deleted − "
-                  "never-seen | interactions-5%: deleted ≤ own user's level | seconds | "
-                  "feasible |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += ["", "The chosen loss settings with each per-request setting (means over "
+                  "seeds; seconds = one request, pre-training excluded; reset = nodes left "
+                  "without edges re-initialised):", "",
+                  "| fine-tuning steps | reset | worst mean Recall@20 gap | worst mean AUC "
+                  "shortfall | deleted − never-seen (all requests) | interactions-5%: "
+                  "deleted − never-seen | interactions-5%: deleted ≤ own user's level | "
+                  "seconds | feasible |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for sm in summary:
-            if any(sm[k] != v for k, v in chosen_ur.items() if k != "finetune_steps"):
+            if any(sm[k] != v for k, v in chosen_ur.items() if k in LOSS_GRID[0]):
                 continue
-            mark = "**" if sm["finetune_steps"] == chosen_ur["finetune_steps"] else ""
+            mark = "**" if all(sm[k] == chosen_ur[k] for k in REQUEST_GRID[0]) else ""
             lines.append(
-                f"| {mark}{sm['finetune_steps']}{mark} | {100 * sm['worst_recall_gap']:+.1f} % "
+                f"| {mark}{sm['finetune_steps']}{mark} | "
+                f"{'yes' if sm['reset_emptied'] else 'no'} | "
+                f"{100 * sm['worst_recall_gap']:+.1f} % "
                 f"| {sm['worst_auc_shortfall']:+.3f} | {sm['deleted_gap']:.2f} | "
                 f"{sm['inter_deleted_gap']:.2f} | {100 * sm['below_user']:.0f} % | "
                 f"{sm['seconds']:.3f} | {'yes' if sm['feasible'] else 'no'} |")

@@ -15,6 +15,7 @@ from baselines.recommend import RetrainRec
 from unlearn.recommend import (
     InteractionGraph,
     forgetting_report,
+    make_lightgcn,
     never_seen_pairs,
     score_pairs,
     train_lightgcn,
@@ -108,7 +109,8 @@ def test_forget_a_whole_user(model, graph, method):
     user = 7
     forget = forget_request(graph, users=[user])
     remaining = graph.without(forget)
-    new = method.unlearn(model, graph, forget).model
+    # the encoder's own answer (without the reset of the emptied user, tested below)
+    new = method.with_request_settings(reset_emptied=False).unlearn(model, graph, forget).model
     deleted = graph.pairs(forget)
     mine = torch.full((graph.n_items,), user)
     never = never_seen_pairs(remaining, 300, seed=1)
@@ -205,7 +207,7 @@ def test_the_floor_stops_a_deleted_user_from_sinking_below_random_pairs(model, g
     means = {}
     for floor in (None, 0.1):
         cfg = replace(ENCODER, unlearn_reference="global", unlearn_margin=0.0,
-                      unlearn_floor=floor, lambda_unlearn=10.0)
+                      unlearn_floor=floor, lambda_unlearn=10.0, reset_emptied=False)
         new = UnlearnRec(cfg).unlearn(model, graph, forget).model
         level = float(_scores(new, remaining, never).mean())
         means[floor] = float(_scores(new, remaining, deleted).mean()) - level
@@ -267,22 +269,56 @@ def test_untouched_nodes_keep_their_embeddings(graph, model, method):
     assert bool(moved[touched].all()) and not bool(moved[~touched].any())
 
 
-def test_with_finetuning_shares_the_pretraining_and_changes_only_the_fine_tuning(model, graph,
-                                                                                 method):
+def test_request_settings_share_the_pretraining(model, graph, method):
     forget = graph.user_interaction_ids(3)
     before = {k: v.clone() for k, v in method.encoder.state_dict().items()}
-    none = method.with_finetuning(finetune_steps=0)
+    none = method.with_request_settings(finetune_steps=0)
     assert none.encoder is method.encoder and none.config.finetune_steps == 0
     assert none.config.lambda_unlearn == method.config.lambda_unlearn
     assert none.is_pretrained_for(model)
     r0 = none.unlearn(model, graph, forget)
     assert r0.details["pretrain_seconds"] == 0.0 and r0.details["finetune_steps"] == 0
-    again = method.with_finetuning(finetune_steps=0).unlearn(model, graph, forget)
+    again = method.with_request_settings(finetune_steps=0).unlearn(model, graph, forget)
     assert torch.equal(r0.model.embedding.weight, again.model.embedding.weight)
-    tuned = method.with_finetuning(finetune_steps=5).unlearn(model, graph, forget)
+    tuned = method.with_request_settings(finetune_steps=5).unlearn(model, graph, forget)
     assert not torch.equal(r0.model.embedding.weight, tuned.model.embedding.weight)
     # the shared encoder is never changed by a request's fine-tuning
     for k, v in method.encoder.state_dict().items():
         assert torch.equal(v, before[k])
     with pytest.raises(ValueError, match="lambda_unlearn"):
-        method.with_finetuning(lambda_unlearn=2.0)
+        method.with_request_settings(lambda_unlearn=2.0)
+
+
+def test_a_node_left_without_edges_gets_a_fresh_initialisation(model, graph, method):
+    user = 5
+    forget = forget_request(graph, users=[user])
+    result = method.unlearn(model, graph, forget)
+    weight = result.model.embedding.weight
+    n, dim = weight.shape
+    bound = (6.0 / (n + dim)) ** 0.5
+    row = weight[user]
+    # a draw of LightGCN's xavier-uniform initialisation: inside the bound, spread over it,
+    # and nothing like the trained row (nor what the encoder alone made of it)
+    assert float(row.abs().max()) <= bound
+    assert float(row.std()) > 0.3 * bound
+    assert result.details["reset_nodes"] >= 1
+    encoder_only = method.with_request_settings(reset_emptied=False).unlearn(model, graph, forget)
+    assert encoder_only.details["reset_nodes"] == 0
+    assert not torch.allclose(row, encoder_only.model.embedding.weight[user])
+    assert not torch.allclose(row, model.embedding.weight[user])
+    # every other row is the encoder's output, untouched by the reset
+    others = torch.arange(n) != user
+    assert torch.equal(weight[others], encoder_only.model.embedding.weight[others])
+    # seeded: the same request gives the same draw
+    again = method.unlearn(model, graph, forget).model.embedding.weight[user]
+    assert torch.equal(row, again)
+
+
+def test_retraining_leaves_a_node_without_edges_at_its_initialisation(graph):
+    # the premise of the reset: such a node's row never gets a gradient, so the retrained
+    # model holds exactly its initial draw
+    forget = forget_request(graph, users=[5])
+    retrained = RetrainRec(CONFIG).unlearn(train_lightgcn(graph, CONFIG), graph, forget).model
+    init = make_lightgcn(graph, CONFIG.dim, CONFIG.num_layers, CONFIG.seed)
+    assert torch.equal(retrained.embedding.weight[5], init.embedding.weight[5])
+    assert not torch.equal(retrained.embedding.weight[6], init.embedding.weight[6])

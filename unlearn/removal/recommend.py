@@ -194,6 +194,11 @@ class UnlearnRecConfig:
     contrast_dropout: float = 0.2
     contrast_nodes: int = 256
     temperature: float = 0.5
+    # a node the request leaves without any edge (a deleted user, an item only deleted users
+    # had) gets a fresh draw of LightGCN's initialisation: in a retraining it never receives a
+    # gradient, so that is exactly what retraining gives it, and its row keeps nothing of the
+    # deleted history
+    reset_emptied: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -454,17 +459,20 @@ class UnlearnRec(RecRemovalMethod):
                                               final)
         return self.pretrain_report
 
-    #: the fields only the per-request fine-tuning reads: changing them keeps the encoder
-    FINETUNE_FIELDS = ("finetune_steps", "finetune_lr")
+    #: the fields only a request reads (its fine-tuning, the reset of emptied nodes):
+    #: changing them keeps the pre-trained encoder
+    REQUEST_FIELDS = ("finetune_steps", "finetune_lr", "reset_emptied")
 
-    def with_finetuning(self, **changes: Any) -> UnlearnRec:
-        """A method sharing this one's pre-trained encoder, with other fine-tuning settings
-        (``finetune_steps``, ``finetune_lr``): what one pre-training serves when requests
-        want different depths of fine-tuning. The encoder is never changed in place."""
-        unknown = set(changes) - set(self.FINETUNE_FIELDS)
+    def with_request_settings(self, **changes: Any) -> UnlearnRec:
+        """A method sharing this one's pre-trained encoder, with other per-request settings
+        (``finetune_steps``, ``finetune_lr``, ``reset_emptied``): what one pre-training
+        serves when requests want, e.g., different depths of fine-tuning. The encoder is
+        never changed in place."""
+        unknown = set(changes) - set(self.REQUEST_FIELDS)
         if unknown:
-            raise ValueError(f"with_finetuning changes only {', '.join(self.FINETUNE_FIELDS)};"
-                             f" {', '.join(sorted(unknown))} would need a new pre-training")
+            raise ValueError(f"with_request_settings changes only "
+                             f"{', '.join(self.REQUEST_FIELDS)}; {', '.join(sorted(unknown))} "
+                             "would need a new pre-training")
         other = UnlearnRec(self.config, **changes)
         other.encoder, other.pretrain_report = self.encoder, self.pretrain_report
         other._fingerprint = self._fingerprint
@@ -534,10 +542,29 @@ class UnlearnRec(RecRemovalMethod):
         with torch.no_grad():
             delta = encoder(req.deleted_adj, ctx.base, req.lost_share)
             model.embedding.weight.add_(delta)
+            emptied = _emptied_nodes(req) if cfg.reset_emptied else torch.zeros(0, dtype=torch.long)
+            if len(emptied):
+                weight = model.embedding.weight
+                gen = torch.Generator().manual_seed(cfg.seed + 2)
+                weight[emptied] = _xavier_rows(len(emptied), weight.shape, gen).to(weight.dtype)
         return model, {"n_retain": remaining.n_train, "finetune_steps": cfg.finetune_steps,
+                       "reset_nodes": int(len(emptied)),
                        "finetune_losses": last, "delta_norm": float(delta.norm()),
                        "changed_nodes": int((delta.abs().sum(1) > 0).sum()),
                        "pretrained_on_this_model": pretrained_here, "config": asdict(cfg)}
+
+
+def _emptied_nodes(req: _Request) -> Tensor:
+    """The nodes that had training edges and have none left after the request."""
+    left = _degrees(req.remaining)
+    return torch.nonzero((req.degrees > 0) & (left == 0)).squeeze(1)
+
+
+def _xavier_rows(n: int, shape: torch.Size, gen: torch.Generator) -> Tensor:
+    """``n`` rows drawn as ``xavier_uniform_`` draws a ``shape`` embedding table (the
+    torch-geometric LightGCN's initialisation): uniform on ``±sqrt(6 / (rows + dim))``."""
+    bound = (6.0 / (shape[0] + shape[1])) ** 0.5
+    return (torch.rand(n, shape[1], generator=gen) * 2 - 1) * bound
 
 
 def _context(model: nn.Module, edges: RecEdges) -> _Context:
