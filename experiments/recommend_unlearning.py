@@ -201,10 +201,6 @@ FINETUNE_STEPS = (0, 1, 3, 5, 10)
 REQUEST_GRID = tuple({"finetune_steps": steps, "reset_emptied": reset}
                      for reset in (True, False) for steps in FINETUNE_STEPS)
 UNLEARN_GRID = tuple({**loss, **request} for loss in LOSS_GRID for request in REQUEST_GRID)
-#: configurations whose objective is within this of the best feasible one count as equally
-#: good, and the one with the fewest fine-tuning steps (the cheapest request) is taken: about
-#: the seed-to-seed spread of the deleted-pair mean score
-OBJECTIVE_TOL = 0.1
 TUNE_SCENARIOS = ("interactions-5%", "users-5%", "small")
 #: the selection rule's constraints: Recall@20 within 3 % of retraining's, and the deleted
 #: pairs' membership AUC no more than the certificate's floor below retraining's
@@ -348,7 +344,7 @@ def grid_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             grid.values())]
         if not mine:
             continue
-        gaps, shortfalls, deleted = [], [], []
+        gaps, shortfalls, deleted, ref_deleted = [], [], [], []
         for sc in TUNE_SCENARIOS:
             g, sh = [], []
             for r in (r for r in mine if r["scenario"] == sc):
@@ -356,11 +352,14 @@ def grid_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 g.append((r["recall@20"] - ref["recall@20"]) / ref["recall@20"])
                 sh.append(ref["auc_vs_never_seen"] - r["auc_vs_never_seen"])
                 deleted.append(r["deleted_mean"] - r["never_seen_mean"])
+                ref_deleted.append(ref["deleted_mean"] - ref["never_seen_mean"])
             gaps.append(float(np.mean(g)))
             shortfalls.append(float(np.mean(sh)))
         inter = [r for r in mine if r["scenario"] == "interactions-5%"]
         out.append({**grid, "worst_recall_gap": min(gaps), "worst_auc_shortfall":
-                    max(shortfalls), "deleted_gap": float(np.mean(deleted)),
+                    max(shortfalls), "worst_auc_gap": max(abs(x) for x in shortfalls),
+                    "deleted_gap": float(np.mean(deleted)),
+                    "retrain_deleted_gap": float(np.mean(ref_deleted)),
                     "seconds": float(np.mean([r["seconds"] for r in mine])),
                     "inter_deleted_gap": float(np.mean(
                         [r["deleted_mean"] - r["never_seen_mean"] for r in inter])),
@@ -370,18 +369,23 @@ def grid_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def choose_unlearnrec(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Among the configurations that keep Recall@20 within 3 % of retraining and do not
-    over-forget (membership AUC at most 0.05 below retraining's) on every validation request
-    type (means over seeds), those whose deleted pairs score, relative to never-seen pairs
-    and averaged over the request types, within :data:`OBJECTIVE_TOL` of the lowest (the
-    issue's target); of these the one with the fewest fine-tuning steps, then the lowest
-    score."""
+    """The validation rule. Feasible: Recall@20 within 3 % of retraining and no
+    over-forgetting (membership AUC at most 0.05 below retraining's) on every request type
+    (means over seeds). Among the feasible configurations whose deleted pairs stand out
+    against never-seen pairs no more than under retraining (the deleted − never-seen mean
+    score, averaged over seeds and request types, at most retraining's on the same requests:
+    the issue's target, held to the gold standard), the one with the fewest fine-tuning steps
+    (the cheapest request), then the one closest to retraining's membership AUC (smallest
+    worst gap over the request types). If none forgets that much, the feasible one whose
+    deleted pairs score lowest."""
     feasible = [s for s in grid_summary(rows) if s["feasible"]]
     if not feasible:
         return None
-    best = min(s["deleted_gap"] for s in feasible)
-    near = [s for s in feasible if s["deleted_gap"] <= best + OBJECTIVE_TOL]
-    pick = min(near, key=lambda s: (s["finetune_steps"], s["deleted_gap"]))
+    enough = [s for s in feasible if s["deleted_gap"] <= s["retrain_deleted_gap"]]
+    if enough:
+        pick = min(enough, key=lambda s: (s["finetune_steps"], s["worst_auc_gap"]))
+    else:
+        pick = min(feasible, key=lambda s: s["deleted_gap"])
     return {k: pick[k] for k in UNLEARN_GRID[0]}
 
 
@@ -600,7 +604,12 @@ def tuning_section(tune: dict[str, Any], data: dict[str, Any]) -> list[str]:
     """The validation choice: the backbone's grid, UnlearnRec's grid and what was chosen,
     and whether the test run used it."""
     bb = tune["backbone"]
-    chosen_bb, chosen_ur = bb["chosen"], tune["unlearnrec"]["chosen"]
+    chosen_bb = bb["chosen"]
+    # the rule of this code, applied to the stored rows (the stored choice is the rule's at
+    # tuning time)
+    chosen_ur = choose_unlearnrec(tune["unlearnrec"]["rows"])
+    summary_all = grid_summary(tune["unlearnrec"]["rows"])
+    retrain_gap = summary_all[0]["retrain_deleted_gap"] if summary_all else float("nan")
     lines = [
         "## Settings chosen on validation",
         "",
@@ -648,10 +657,17 @@ def tuning_section(tune: dict[str, Any], data: dict[str, Any]) -> list[str]:
         f"{100 * min(orig_gaps):+.1f} % to {100 * max(orig_gaps):+.1f} % off its retrained "
         "counterpart across seeds and requests; a first attempt that required every single "
         "seed within 3 % found no feasible configuration); among them keep those whose "
-        "deleted pairs score, against never-seen pairs (the issue's target) and averaged over "
-        f"seeds and request types, within {OBJECTIVE_TOL} of the lowest (about the "
-        "seed-to-seed spread of that mean), and take the one with the fewest fine-tuning "
-        "steps per request (the cheapest), then the lowest score. The loss settings are "
+        "deleted pairs stand out against never-seen pairs no more than under retraining (the "
+        "deleted − never-seen mean score, averaged over seeds and request types, at most "
+        f"retraining's {retrain_gap:.2f}: the issue's target held to the gold standard), and "
+        "take the one with the fewest fine-tuning steps per request (the cheapest), then the "
+        "one closest to retraining's membership AUC (smallest worst gap over the request "
+        "types); if none forgets that much, the feasible one whose deleted pairs score "
+        "lowest. This rule replaced, before any test run with this grid, one that took the "
+        "lowest score and, within 0.1 of it, the fewest steps: that one picked 10 steps whose "
+        "score was below retraining's own (forgetting more than the gold standard), and its "
+        "0.1 had been justified as the seed-to-seed spread of the score, which the grid "
+        "showed to be about 0.3. The loss settings are "
         "pre-trained once per seed; the per-request settings (fine-tuning steps, the reset "
         "of nodes left without edges) share that pre-training "
         "(`UnlearnRec.with_request_settings`). Chosen: **"
@@ -686,10 +702,10 @@ def tuning_section(tune: dict[str, Any], data: dict[str, Any]) -> list[str]:
                   "seeds; seconds = one request, pre-training excluded; reset = nodes left "
                   "without edges re-initialised):", "",
                   "| fine-tuning steps | reset | worst mean Recall@20 gap | worst mean AUC "
-                  "shortfall | deleted − never-seen (all requests) | interactions-5%: "
-                  "deleted − never-seen | interactions-5%: deleted ≤ own user's level | "
-                  "seconds | feasible |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "shortfall | worst mean \\|AUC gap\\| | deleted − never-seen (all "
+                  "requests) | interactions-5%: deleted − never-seen | interactions-5%: "
+                  "deleted ≤ own user's level | seconds | feasible |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for sm in summary:
             if any(sm[k] != v for k, v in chosen_ur.items() if k in LOSS_GRID[0]):
                 continue
@@ -698,7 +714,8 @@ def tuning_section(tune: dict[str, Any], data: dict[str, Any]) -> list[str]:
                 f"| {mark}{sm['finetune_steps']}{mark} | "
                 f"{'yes' if sm['reset_emptied'] else 'no'} | "
                 f"{100 * sm['worst_recall_gap']:+.1f} % "
-                f"| {sm['worst_auc_shortfall']:+.3f} | {sm['deleted_gap']:.2f} | "
+                f"| {sm['worst_auc_shortfall']:+.3f} | {sm['worst_auc_gap']:.3f} | "
+                f"{sm['deleted_gap']:.2f} | "
                 f"{sm['inter_deleted_gap']:.2f} | {100 * sm['below_user']:.0f} % | "
                 f"{sm['seconds']:.3f} | {'yes' if sm['feasible'] else 'no'} |")
     ret = [r for r in urows if r["method"] == "retrain" and r["scenario"] == "interactions-5%"]

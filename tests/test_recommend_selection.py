@@ -59,23 +59,27 @@ def test_unlearnrec_rule_keeps_recall_and_forbids_over_forgetting(monkeypatch):
     assert ru.choose_unlearnrec(_rows(None, 0, 0, 0) + _rows(grids[2], 0.25, 0.5, 1.0)) is None
 
 
-def test_unlearnrec_rule_takes_the_fewest_steps_within_the_tolerance(monkeypatch):
-    def grid(steps, lam=1.0):
-        return {"unlearn_reference": "global", "unlearn_floor": 1.0, "lambda_unlearn": lam,
-                "finetune_steps": steps}
+def test_unlearnrec_rule_takes_the_cheapest_that_forgets_as_much_as_retraining(monkeypatch):
+    def grid(steps, lam=1.0, reset=True):
+        return {"unlearn_reference": "global", "unlearn_floor": None, "lambda_unlearn": lam,
+                "finetune_steps": steps, "reset_emptied": reset}
 
-    grids = [grid(0), grid(3), grid(10), grid(1, 2.0)]
+    grids = [grid(0), grid(3), grid(3, reset=False), grid(10), grid(1, 2.0)]
     monkeypatch.setattr(ru, "UNLEARN_GRID", tuple(grids))
-    tol = ru.OBJECTIVE_TOL
+    # retraining: deleted 3.0 - never-seen 0.5 = 2.5
     rows = _rows(None, 0, 0, 0)
-    rows += _rows(grids[0], 0.30, 0.70, 2.0 + 3 * tol)   # cheapest, but forgets clearly less
-    rows += _rows(grids[1], 0.30, 0.70, 2.0 + 0.5 * tol)  # within the tolerance of the best
-    rows += _rows(grids[2], 0.30, 0.70, 2.0)              # the lowest score
-    rows += _rows(grids[3], 0.25, 0.70, 1.0)              # lower still, but loses recall
-    assert ru.choose_unlearnrec(rows) == grids[1]
-    summary = ru.grid_summary(rows)
-    assert [s["seconds"] for s in summary[:3]] == pytest.approx([0.01, 0.04, 0.11])
-    # a cheaper configuration that forgets clearly less does not displace the best
-    rows = _rows(None, 0, 0, 0) + _rows(grids[0], 0.30, 0.70, 2.0 + 3 * tol) \
-        + _rows(grids[2], 0.30, 0.70, 2.0)
+    rows += _rows(grids[0], 0.30, 0.70, 3.1)  # cheapest, but forgets less than retraining
+    rows += _rows(grids[1], 0.30, 0.68, 2.9)  # as much as retraining, AUC 0.02 off
+    rows += _rows(grids[2], 0.30, 0.71, 2.5)  # same cost, closer to retraining's AUC
+    rows += _rows(grids[3], 0.30, 0.70, 1.0)  # forgets most, but costs 10 steps
+    rows += _rows(grids[4], 0.25, 0.70, 2.0)  # cheaper, but loses recall
+    summary = {(s["finetune_steps"], s["reset_emptied"], s["lambda_unlearn"]): s
+               for s in ru.grid_summary(rows)}
+    assert summary[(0, True, 1.0)]["retrain_deleted_gap"] == pytest.approx(2.5)
+    assert summary[(3, True, 1.0)]["worst_auc_gap"] == pytest.approx(0.02)
+    assert summary[(3, True, 1.0)]["seconds"] == pytest.approx(0.04)
     assert ru.choose_unlearnrec(rows) == grids[2]
+    # nothing forgets as much as retraining: the feasible one that forgets most
+    rows = _rows(None, 0, 0, 0) + _rows(grids[0], 0.30, 0.70, 3.3) \
+        + _rows(grids[3], 0.30, 0.70, 3.1)
+    assert ru.choose_unlearnrec(rows) == grids[3]
