@@ -966,7 +966,13 @@ def reading_notes(rows: list[dict[str, Any]]) -> list[str]:
         + ("within" if shortfall <= AUC_FLOOR else "past")
         + f" the {AUC_FLOOR} bound the selection rule put on the validation means; a "
         "two-sided certificate with the 0.05 floor would "
-        + ("pass" if abs(shortfall) <= AUC_FLOOR else "flag") + " it on the mean.")
+        + ("pass" if abs(shortfall) <= AUC_FLOOR else "flag") + " it on the mean."
+        + ("" if "unlearnrec[no reset]" not in have else
+           " The deleted users' rows are re-drawn from LightGCN's initialisation, which is "
+           "where retraining leaves them; without that (variant `no reset`) the encoder "
+           "drives them to "
+           f"{mean(users, 'unlearnrec[no reset]', 'deleted_mean'):.2f} and the membership AUC "
+           f"to {mean(users, 'unlearnrec[no reset]', 'auc_vs_never_seen'):.3f}."))
     lines += [
         "* Sharded retraining pays for its exactness with the ensemble's quality "
         f"({gap(inter, 'sharded-retrain'):+.1f} % Recall@20: each shard model sees a quarter "

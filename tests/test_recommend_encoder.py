@@ -181,6 +181,10 @@ def test_wrong_model_and_config(graph, model):
         UnlearnRecConfig(unlearn_floor=0.0)
     with pytest.raises(ValueError, match="unlearn_negatives"):
         UnlearnRecConfig(unlearn_negatives=0)
+    with pytest.raises(ValueError, match="reset_emptied"):
+        UnlearnRecConfig(reset_emptied="yes")
+    with pytest.raises(ValueError, match="finetune_steps"):
+        UnlearnRec(ENCODER).with_request_settings(finetune_steps=-2)
 
 
 def test_unlearn_hinge_leaves_low_pairs_alone_and_pulls_up_the_far_below():

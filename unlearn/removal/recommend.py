@@ -216,6 +216,8 @@ class UnlearnRecConfig:
             v = getattr(self, name)
             if not 0 < v < 1:
                 raise ValueError(f"{name} must lie in (0, 1), got {v!r}")
+        if not isinstance(self.reset_emptied, bool):
+            raise ValueError(f"reset_emptied must be True or False, got {self.reset_emptied!r}")
         if self.unlearn_reference not in ("user", "global"):
             raise ValueError(f"unlearn_reference must be 'user' or 'global', got "
                              f"{self.unlearn_reference!r}")
