@@ -72,7 +72,7 @@ METHODS = ("retrain", "finetune", "influence", "sharded-retrain", "unlearnrec")
 SWEEP = (0.3, 1.0, 2.0, 4.0)
 #: the configuration UnlearnRec had before the settings were chosen on validation
 PREVIOUS = {"unlearn_reference": "global", "unlearn_floor": 1.0, "lambda_unlearn": 1.0,
-            "finetune_steps": 10, "reset_emptied": False}
+            "finetune_steps": 10, "reset_emptied_users": False}
 
 
 def describe(config: dict[str, Any]) -> str:
@@ -81,7 +81,7 @@ def describe(config: dict[str, Any]) -> str:
     return (f"{config['unlearn_reference']} reference, "
             f"{'no floor' if floor is None else f'floor {floor:g}'}, "
             f"λ_unlearn {config['lambda_unlearn']:g}, {config['finetune_steps']} fine-tuning "
-            "steps" + ("" if config.get("reset_emptied", True) else ", no reset"))
+            "steps" + ("" if config.get("reset_emptied_users", True) else ", no reset"))
 
 
 def variants(default: UnlearnRecConfig) -> dict[str, dict[str, Any]]:
@@ -93,8 +93,8 @@ def variants(default: UnlearnRecConfig) -> dict[str, dict[str, Any]]:
     for steps in FINETUNE_STEPS:
         if steps != default.finetune_steps:
             out[f"unlearnrec[finetune_steps={steps}]"] = {"finetune_steps": steps}
-    out[f"unlearnrec[{'no reset' if default.reset_emptied else 'reset'}]"] = {
-        "reset_emptied": not default.reset_emptied}
+    out[f"unlearnrec[{'no reset' if default.reset_emptied_users else 'reset'}]"] = {
+        "reset_emptied_users": not default.reset_emptied_users}
     for lam in SWEEP:
         if lam != default.lambda_unlearn:
             out[f"unlearnrec[lambda_u={lam:g}]"] = {"lambda_unlearn": lam}
@@ -193,12 +193,12 @@ BPR_LRS = (2e-3, 5e-3, 1e-2)
 BPR_MAX_EPOCHS = 160
 #: UnlearnRec's grid: the unlearning loss's reference level, its floor, its weight (each
 #: pre-trained once), and the per-request settings sharing that pre-training: fine-tuning
-#: steps, and whether nodes left without edges are re-initialised
+#: steps, and whether users left without edges are re-initialised
 LOSS_GRID = tuple({"unlearn_reference": ref, "unlearn_floor": floor, "lambda_unlearn": lam}
                   for ref in ("global", "user") for floor in (None, 1.0)
                   for lam in (0.3, 1.0, 2.0, 4.0))
 FINETUNE_STEPS = (0, 1, 3, 5, 10)
-REQUEST_GRID = tuple({"finetune_steps": steps, "reset_emptied": reset}
+REQUEST_GRID = tuple({"finetune_steps": steps, "reset_emptied_users": reset}
                      for reset in (True, False) for steps in FINETUNE_STEPS)
 UNLEARN_GRID = tuple({**loss, **request} for loss in LOSS_GRID for request in REQUEST_GRID)
 TUNE_SCENARIOS = ("interactions-5%", "users-5%", "small")
@@ -575,7 +575,7 @@ def write_report(data: dict[str, Any], path: Path) -> None:
         "Each variant changes only the named fields of the default (and is pre-trained and "
         "applied with them, on the same base model and request; `finetune_steps=k`: k "
         "fine-tuning steps per request, and `no reset` / `reset`: without / with the "
-        "re-initialisation of nodes left without edges, both sharing the default's "
+        "re-initialisation of users left without edges, both sharing the default's "
         "pre-training); `lambda_u` = λ_unlearn, "
         "`user reference` / `global reference` = the unlearning hinge's level, `floor 1` / "
         "`no floor` = with / without the pull-up of deleted pairs more than 1 below it, "
@@ -669,7 +669,7 @@ def tuning_section(tune: dict[str, Any], data: dict[str, Any]) -> list[str]:
         "0.1 had been justified as the seed-to-seed spread of the score, which the grid "
         "showed to be about 0.3. The loss settings are "
         "pre-trained once per seed; the per-request settings (fine-tuning steps, the reset "
-        "of nodes left without edges) share that pre-training "
+        "of users left without edges) share that pre-training "
         "(`UnlearnRec.with_request_settings`). Chosen: **"
         + (", ".join(f"{k} {v}" for k, v in chosen_ur.items()) if chosen_ur else "none "
            "feasible") + "**.",
@@ -678,7 +678,7 @@ def tuning_section(tune: dict[str, Any], data: dict[str, Any]) -> list[str]:
         "is more forgetting), marked ✗ where the configuration is not feasible; bold: chosen.",
         "",
         "| reference | floor | λ_unlearn | " + " | ".join(
-            f"{r['finetune_steps']} steps{'' if r['reset_emptied'] else ', no reset'}"
+            f"{r['finetune_steps']} steps{'' if r['reset_emptied_users'] else ', no reset'}"
             for r in REQUEST_GRID) + " |",
         "| --- | --- | --- |" + " --- |" * len(REQUEST_GRID),
     ]
@@ -699,7 +699,7 @@ def tuning_section(tune: dict[str, Any], data: dict[str, Any]) -> list[str]:
                      f"{loss['lambda_unlearn']:g} | " + " | ".join(cells) + " |")
     if chosen_ur:
         lines += ["", "The chosen loss settings with each per-request setting (means over "
-                  "seeds; seconds = one request, pre-training excluded; reset = nodes left "
+                  "seeds; seconds = one request, pre-training excluded; reset = users left "
                   "without edges re-initialised):", "",
                   "| fine-tuning steps | reset | worst mean Recall@20 gap | worst mean AUC "
                   "shortfall | worst mean \\|AUC gap\\| | deleted − never-seen (all "
@@ -712,7 +712,7 @@ def tuning_section(tune: dict[str, Any], data: dict[str, Any]) -> list[str]:
             mark = "**" if all(sm[k] == chosen_ur[k] for k in REQUEST_GRID[0]) else ""
             lines.append(
                 f"| {mark}{sm['finetune_steps']}{mark} | "
-                f"{'yes' if sm['reset_emptied'] else 'no'} | "
+                f"{'yes' if sm['reset_emptied_users'] else 'no'} | "
                 f"{100 * sm['worst_recall_gap']:+.1f} % "
                 f"| {sm['worst_auc_shortfall']:+.3f} | {sm['worst_auc_gap']:.3f} | "
                 f"{sm['deleted_gap']:.2f} | "
@@ -927,8 +927,8 @@ def reading_notes(rows: list[dict[str, Any]]) -> list[str]:
                    if m.startswith("unlearnrec[finetune_steps="))
     if steps:
         lines.append(
-            "  Fine-tuning steps trade time for forgetting: on random interactions the "
-            "deleted-pair mean goes from "
+            "  With fine-tuning steps (variants below) the deleted-pair mean on random "
+            "interactions is "
             f"{mean(inter, 'unlearnrec', 'deleted_mean'):.2f} (no steps) to "
             + ", ".join(f"{mean(inter, m, 'deleted_mean'):.2f} ({k} step{'s' * (k > 1)}, "
                         f"{speed(inter, m):.0f}×)" for k, m in steps)
@@ -962,11 +962,12 @@ def reading_notes(rows: list[dict[str, Any]]) -> list[str]:
         f"{mean(users, 'unlearnrec', 'auc_vs_never_seen'):.3f} against retraining's "
         f"{mean(users, 'retrain', 'auc_vs_never_seen'):.3f}: below it is over-forgetting "
         "(the deleted pairs look less like members than under retraining, itself a signal). "
-        f"The shortfall here is {shortfall:.3f}, "
+        f"Retraining's AUC minus UnlearnRec's is {shortfall:+.3f}: "
         + ("within" if shortfall <= AUC_FLOOR else "past")
-        + f" the {AUC_FLOOR} bound the selection rule put on the validation means; a "
-        "two-sided certificate with the 0.05 floor would "
-        + ("pass" if abs(shortfall) <= AUC_FLOOR else "flag") + " it on the mean."
+        + f" the one-sided {AUC_FLOOR} bound on over-forgetting that the selection rule put "
+        "on the validation means, and "
+        + ("within" if abs(shortfall) <= AUC_FLOOR else "outside")
+        + " the certificate's two-sided 0.05 floor."
         + ("" if "unlearnrec[no reset]" not in have else
            " The deleted users' rows are re-drawn from LightGCN's initialisation, which is "
            "where retraining leaves them; without that (variant `no reset`) the encoder "

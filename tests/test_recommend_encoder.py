@@ -110,7 +110,8 @@ def test_forget_a_whole_user(model, graph, method):
     forget = forget_request(graph, users=[user])
     remaining = graph.without(forget)
     # the encoder's own answer (without the reset of the emptied user, tested below)
-    new = method.with_request_settings(reset_emptied=False).unlearn(model, graph, forget).model
+    new = method.with_request_settings(reset_emptied_users=False).unlearn(
+        model, graph, forget).model
     deleted = graph.pairs(forget)
     mine = torch.full((graph.n_items,), user)
     never = never_seen_pairs(remaining, 300, seed=1)
@@ -181,8 +182,8 @@ def test_wrong_model_and_config(graph, model):
         UnlearnRecConfig(unlearn_floor=0.0)
     with pytest.raises(ValueError, match="unlearn_negatives"):
         UnlearnRecConfig(unlearn_negatives=0)
-    with pytest.raises(ValueError, match="reset_emptied"):
-        UnlearnRecConfig(reset_emptied="yes")
+    with pytest.raises(ValueError, match="reset_emptied_users"):
+        UnlearnRecConfig(reset_emptied_users="yes")
     with pytest.raises(ValueError, match="finetune_steps"):
         UnlearnRec(ENCODER).with_request_settings(finetune_steps=-2)
 
@@ -211,7 +212,7 @@ def test_the_floor_stops_a_deleted_user_from_sinking_below_random_pairs(model, g
     means = {}
     for floor in (None, 0.1):
         cfg = replace(ENCODER, unlearn_reference="global", unlearn_margin=0.0,
-                      unlearn_floor=floor, lambda_unlearn=10.0, reset_emptied=False)
+                      unlearn_floor=floor, lambda_unlearn=10.0, reset_emptied_users=False)
         new = UnlearnRec(cfg).unlearn(model, graph, forget).model
         level = float(_scores(new, remaining, never).mean())
         means[floor] = float(_scores(new, remaining, deleted).mean()) - level
@@ -293,36 +294,54 @@ def test_request_settings_share_the_pretraining(model, graph, method):
         method.with_request_settings(lambda_unlearn=2.0)
 
 
-def test_a_node_left_without_edges_gets_a_fresh_initialisation(model, graph, method):
-    user = 5
+def _item_with_one_user(graph):
+    """An item with exactly one training user, and that user."""
+    pairs = graph.train_pairs()
+    counts = torch.bincount(pairs[:, 1], minlength=graph.n_items)
+    item = int(torch.nonzero(counts == 1)[0])
+    return item, int(pairs[pairs[:, 1] == item, 0][0])
+
+
+def test_a_user_left_without_edges_gets_a_fresh_initialisation(model, graph, method):
+    item, user = _item_with_one_user(graph)
     forget = forget_request(graph, users=[user])
     result = method.unlearn(model, graph, forget)
     weight = result.model.embedding.weight
-    n, dim = weight.shape
-    bound = (6.0 / (n + dim)) ** 0.5
+    n = weight.shape[0]
     row = weight[user]
-    # a draw of LightGCN's xavier-uniform initialisation: inside the bound, spread over it,
-    # and nothing like the trained row (nor what the encoder alone made of it)
-    assert float(row.abs().max()) <= bound
-    assert float(row.std()) > 0.3 * bound
-    assert result.details["reset_nodes"] >= 1
-    encoder_only = method.with_request_settings(reset_emptied=False).unlearn(model, graph, forget)
-    assert encoder_only.details["reset_nodes"] == 0
+    # a draw of LightGCN's own initialisation: within the range of a freshly made model's
+    # rows, spread over it, and nothing like the trained row (nor the encoder's output)
+    init = make_lightgcn(graph, CONFIG.dim, CONFIG.num_layers, seed=123).embedding.weight
+    assert float(row.abs().max()) <= float(init.abs().max()) * 1.001
+    assert float(row.std()) > 0.5 * float(init.std())
+    assert result.details["reset_users"] == 1
+    encoder_only = method.with_request_settings(reset_emptied_users=False).unlearn(
+        model, graph, forget)
+    assert encoder_only.details["reset_users"] == 0
     assert not torch.allclose(row, encoder_only.model.embedding.weight[user])
     assert not torch.allclose(row, model.embedding.weight[user])
-    # every other row is the encoder's output, untouched by the reset
+    # every other row is the encoder's output, the item the user emptied included (as a
+    # negative it keeps getting gradients in a retraining)
     others = torch.arange(n) != user
+    assert graph.n_users + item in torch.nonzero(others).squeeze(1)
     assert torch.equal(weight[others], encoder_only.model.embedding.weight[others])
-    # seeded: the same request gives the same draw
+    # seeded: the same request gives the same draw; another user deleted by another request
+    # gets another row
     again = method.unlearn(model, graph, forget).model.embedding.weight[user]
     assert torch.equal(row, again)
+    other_user = (user + 1) % graph.n_users
+    other = method.unlearn(model, graph, forget_request(graph, users=[other_user]))
+    assert not torch.allclose(other.model.embedding.weight[other_user], row)
 
 
-def test_retraining_leaves_a_node_without_edges_at_its_initialisation(graph):
-    # the premise of the reset: such a node's row never gets a gradient, so the retrained
-    # model holds exactly its initial draw
-    forget = forget_request(graph, users=[5])
+def test_retraining_leaves_a_user_without_edges_at_its_initialisation(graph):
+    # the premise of the reset: such a user's row never gets a gradient, so the retrained
+    # model holds exactly its initial draw; an item without edges still moves (it is sampled
+    # as a negative), which is why items are not reset
+    item, user = _item_with_one_user(graph)
+    forget = forget_request(graph, users=[user])
     retrained = RetrainRec(CONFIG).unlearn(train_lightgcn(graph, CONFIG), graph, forget).model
     init = make_lightgcn(graph, CONFIG.dim, CONFIG.num_layers, CONFIG.seed)
-    assert torch.equal(retrained.embedding.weight[5], init.embedding.weight[5])
-    assert not torch.equal(retrained.embedding.weight[6], init.embedding.weight[6])
+    assert torch.equal(retrained.embedding.weight[user], init.embedding.weight[user])
+    node = graph.n_users + item
+    assert not torch.equal(retrained.embedding.weight[node], init.embedding.weight[node])

@@ -62,7 +62,7 @@ def test_unlearnrec_rule_keeps_recall_and_forbids_over_forgetting(monkeypatch):
 def test_unlearnrec_rule_takes_the_cheapest_that_forgets_as_much_as_retraining(monkeypatch):
     def grid(steps, lam=1.0, reset=True):
         return {"unlearn_reference": "global", "unlearn_floor": None, "lambda_unlearn": lam,
-                "finetune_steps": steps, "reset_emptied": reset}
+                "finetune_steps": steps, "reset_emptied_users": reset}
 
     grids = [grid(0), grid(3), grid(3, reset=False), grid(10), grid(1, 2.0)]
     monkeypatch.setattr(ru, "UNLEARN_GRID", tuple(grids))
@@ -73,7 +73,7 @@ def test_unlearnrec_rule_takes_the_cheapest_that_forgets_as_much_as_retraining(m
     rows += _rows(grids[2], 0.30, 0.71, 2.5)  # same cost, closer to retraining's AUC
     rows += _rows(grids[3], 0.30, 0.70, 1.0)  # forgets most, but costs 10 steps
     rows += _rows(grids[4], 0.25, 0.70, 2.0)  # cheaper, but loses recall
-    summary = {(s["finetune_steps"], s["reset_emptied"], s["lambda_unlearn"]): s
+    summary = {(s["finetune_steps"], s["reset_emptied_users"], s["lambda_unlearn"]): s
                for s in ru.grid_summary(rows)}
     assert summary[(0, True, 1.0)]["retrain_deleted_gap"] == pytest.approx(2.5)
     assert summary[(3, True, 1.0)]["worst_auc_gap"] == pytest.approx(0.02)

@@ -59,3 +59,5 @@ def test_a_matrix_that_is_not_symmetric_is_refused():
         as_symmetric_csr(torch.zeros(2, 3).to_sparse())
     sym = m + m.T
     assert torch.equal(as_symmetric_csr(sym.to_sparse()).to_dense(), sym)
+    with pytest.raises(ValueError, match="requires grad"):
+        symmetric_matmul(sym.to_sparse().requires_grad_(), torch.ones(3, 2))

@@ -34,6 +34,7 @@ from unlearn.data import _show, _to_id_list, default_cache_dir
 
 __all__ = [
     "InteractionGraph",
+    "in_sorted",
     "load_movielens_100k",
     "read_movielens_ratings",
     "ML100K_URL",
@@ -42,6 +43,15 @@ __all__ = [
 
 ML100K_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 ML100K_MD5 = "0e33842e24a9c977be4e0107933c0723"  # GroupLens' published md5 of the zip
+
+
+def in_sorted(keys: Tensor, sorted_keys: Tensor) -> Tensor:
+    """``torch.isin(keys, sorted_keys)`` for an ascending ``sorted_keys``, by binary search
+    (several times faster than ``isin`` for a few thousand keys against a whole graph's)."""
+    if sorted_keys.numel() == 0:
+        return torch.zeros_like(keys, dtype=torch.bool)
+    pos = torch.searchsorted(sorted_keys, keys).clamp(max=sorted_keys.numel() - 1)
+    return sorted_keys[pos] == keys
 
 
 def _as_long(values: Any, what: str) -> Tensor:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from unlearn.recommend.data import InteractionGraph
+from unlearn.recommend.data import InteractionGraph, in_sorted
 from unlearn.recommend.model import score_matrix
 
 __all__ = [
@@ -86,8 +86,7 @@ def never_seen_pairs(graph: InteractionGraph, n: int, seed: int = 0) -> Tensor:
     got = 0
     while got < n:
         cand = torch.randint(total, (2 * (n - got) + 16,), generator=g)
-        pos = torch.searchsorted(keys, cand).clamp(max=len(keys) - 1)
-        cand = torch.unique(cand[keys[pos] != cand])
+        cand = torch.unique(cand[~in_sorted(cand, keys)])
         cand = cand[torch.randperm(len(cand), generator=g)]
         if out:
             cand = cand[~torch.isin(cand, torch.cat(out))]

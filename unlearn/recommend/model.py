@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 from torch_geometric.nn.models import LightGCN
 
-from unlearn.recommend.data import InteractionGraph
+from unlearn.recommend.data import InteractionGraph, in_sorted
 from unlearn.recommend.sparse import as_symmetric_csr, symmetric_matmul
 
 __all__ = [
@@ -110,9 +110,7 @@ def sample_negatives(graph: InteractionGraph, users: Tensor,
     neg = torch.randint(graph.n_items, (len(users),), generator=generator)
     todo = torch.ones(len(users), dtype=torch.bool)
     for _ in range(max_tries):
-        k = users[todo] * graph.n_items + neg[todo]
-        pos = torch.searchsorted(keys, k).clamp(max=len(keys) - 1)
-        hit = keys[pos] == k
+        hit = in_sorted(users[todo] * graph.n_items + neg[todo], keys)
         idx = torch.nonzero(todo).squeeze(1)
         todo[idx[~hit]] = False
         if not bool(todo.any()):

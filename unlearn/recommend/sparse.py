@@ -31,8 +31,13 @@ class _SymmetricMatmul(torch.autograd.Function):
 
 
 def symmetric_matmul(adj: Tensor, x: Tensor) -> Tensor:
-    """``adj @ x`` for a symmetric sparse ``adj`` (see :func:`as_symmetric_csr`), with the
-    backward ``adj @ grad``. Without autograd it is the plain product."""
+    """``adj @ x`` for a symmetric sparse ``adj`` (from :func:`as_symmetric_csr`, or one of
+    the normalised adjacencies built by ``unlearn.recommend``), with the backward
+    ``adj @ grad``; a non-symmetric ``adj`` would get a wrong gradient, which is why the
+    builders check or guarantee symmetry. Without autograd it is the plain product."""
+    if adj.requires_grad:
+        raise ValueError("symmetric_matmul treats adj as a constant, but adj requires grad: "
+                         "detach it, or use adj @ x for a gradient on its values")
     if not (x.requires_grad and torch.is_grad_enabled()):
         return adj @ x
     return _SymmetricMatmul.apply(adj, x)

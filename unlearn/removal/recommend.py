@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unlearn.recommend.data import InteractionGraph
+from unlearn.recommend.data import InteractionGraph, in_sorted
 from unlearn.recommend.protocol import RecRemovalMethod
 from unlearn.recommend.sparse import as_symmetric_csr, symmetric_matmul
 from unlearn.removal.base import RemovalResult
@@ -194,11 +194,12 @@ class UnlearnRecConfig:
     contrast_dropout: float = 0.2
     contrast_nodes: int = 256
     temperature: float = 0.5
-    # a node the request leaves without any edge (a deleted user, an item only deleted users
-    # had) gets a fresh draw of LightGCN's initialisation: in a retraining it never receives a
-    # gradient, so that is exactly what retraining gives it, and its row keeps nothing of the
-    # deleted history
-    reset_emptied: bool = True
+    # a user the request leaves without any edge (a deleted account) gets a fresh draw of
+    # LightGCN's initialisation: in a retraining that user never receives a gradient (users
+    # are never sampled as negatives), so that is exactly what retraining gives it, and its row
+    # keeps nothing of the deleted history. Items are left to the encoder: as negatives they
+    # keep receiving gradients in a retraining even without edges.
+    reset_emptied_users: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -216,8 +217,9 @@ class UnlearnRecConfig:
             v = getattr(self, name)
             if not 0 < v < 1:
                 raise ValueError(f"{name} must lie in (0, 1), got {v!r}")
-        if not isinstance(self.reset_emptied, bool):
-            raise ValueError(f"reset_emptied must be True or False, got {self.reset_emptied!r}")
+        if not isinstance(self.reset_emptied_users, bool):
+            raise ValueError(f"reset_emptied_users must be True or False, got "
+                             f"{self.reset_emptied_users!r}")
         if self.unlearn_reference not in ("user", "global"):
             raise ValueError(f"unlearn_reference must be 'user' or 'global', got "
                              f"{self.unlearn_reference!r}")
@@ -296,19 +298,10 @@ def _random_items(users: Tensor, num_items: int, train_keys: Tensor,
     """An item per user, resampled once where it hits a training interaction (ML-100K is 6 %
     dense, so one round leaves ~0.4 % collisions, harmless as negatives)."""
     items = torch.randint(num_items, users.shape, generator=gen)
-    hit = _in_sorted(users * num_items + items, train_keys)
+    hit = in_sorted(users * num_items + items, train_keys)
     if hit.any():
         items[hit] = torch.randint(num_items, (int(hit.sum()),), generator=gen)
     return items
-
-
-def _in_sorted(keys: Tensor, sorted_keys: Tensor) -> Tensor:
-    """``torch.isin(keys, sorted_keys)`` by binary search (several times faster for a few
-    thousand keys against the whole training graph's)."""
-    if sorted_keys.numel() == 0:
-        return torch.zeros_like(keys, dtype=torch.bool)
-    pos = torch.searchsorted(sorted_keys, keys).clamp(max=sorted_keys.numel() - 1)
-    return sorted_keys[pos] == keys
 
 
 def _sample(n: int, k: int, gen: torch.Generator) -> Tensor:
@@ -361,7 +354,7 @@ def _losses(encoder: InfluenceEncoder, ctx: _Context, req: _Request, cfg: Unlear
     if cfg.unlearn_reference == "user":
         level = new_scores[len(u) + len(rand_u):].detach().view(len(d), -1).mean(1)
     else:
-        unseen = ~_in_sorted(rand_u * ni + rand_i, ctx.train_keys)
+        unseen = ~in_sorted(rand_u * ni + rand_i, ctx.train_keys)
         level = new_scores[len(u):len(u) + len(rand_u)][unseen].mean().detach()
     unlearn_loss = unlearn_hinge(pair_scores(final, d.users, d.items, nu), level,
                                  cfg.unlearn_margin, cfg.unlearn_floor)
@@ -463,11 +456,11 @@ class UnlearnRec(RecRemovalMethod):
 
     #: the fields only a request reads (its fine-tuning, the reset of emptied nodes):
     #: changing them keeps the pre-trained encoder
-    REQUEST_FIELDS = ("finetune_steps", "finetune_lr", "reset_emptied")
+    REQUEST_FIELDS = ("finetune_steps", "finetune_lr", "reset_emptied_users")
 
     def with_request_settings(self, **changes: Any) -> UnlearnRec:
         """A method sharing this one's pre-trained encoder, with other per-request settings
-        (``finetune_steps``, ``finetune_lr``, ``reset_emptied``): what one pre-training
+        (``finetune_steps``, ``finetune_lr``, ``reset_emptied_users``): what one pre-training
         serves when requests want, e.g., different depths of fine-tuning. The encoder is
         never changed in place."""
         unknown = set(changes) - set(self.REQUEST_FIELDS)
@@ -544,29 +537,32 @@ class UnlearnRec(RecRemovalMethod):
         with torch.no_grad():
             delta = encoder(req.deleted_adj, ctx.base, req.lost_share)
             model.embedding.weight.add_(delta)
-            emptied = _emptied_nodes(req) if cfg.reset_emptied else torch.zeros(0, dtype=torch.long)
+            emptied = (_emptied_users(req) if cfg.reset_emptied_users
+                       else torch.zeros(0, dtype=torch.long))
             if len(emptied):
                 weight = model.embedding.weight
-                gen = torch.Generator().manual_seed(cfg.seed + 2)
-                weight[emptied] = _xavier_rows(len(emptied), weight.shape, gen).to(weight.dtype)
+                fresh = _initial_embeddings(weight.shape, cfg.seed + 2)
+                weight[emptied] = fresh[emptied].to(weight.dtype)
         return model, {"n_retain": remaining.n_train, "finetune_steps": cfg.finetune_steps,
-                       "reset_nodes": int(len(emptied)),
+                       "reset_users": int(len(emptied)),
                        "finetune_losses": last, "delta_norm": float(delta.norm()),
                        "changed_nodes": int((delta.abs().sum(1) > 0).sum()),
                        "pretrained_on_this_model": pretrained_here, "config": asdict(cfg)}
 
 
-def _emptied_nodes(req: _Request) -> Tensor:
-    """The nodes that had training edges and have none left after the request."""
-    left = _degrees(req.remaining)
-    return torch.nonzero((req.degrees > 0) & (left == 0)).squeeze(1)
+def _emptied_users(req: _Request) -> Tensor:
+    """The users that had training edges and have none left after the request."""
+    nu = req.remaining.num_users
+    left = _degrees(req.remaining)[:nu]
+    return torch.nonzero((req.degrees[:nu] > 0) & (left == 0)).squeeze(1)
 
 
-def _xavier_rows(n: int, shape: torch.Size, gen: torch.Generator) -> Tensor:
-    """``n`` rows drawn as ``xavier_uniform_`` draws a ``shape`` embedding table (the
-    torch-geometric LightGCN's initialisation): uniform on ``±sqrt(6 / (rows + dim))``."""
-    bound = (6.0 / (shape[0] + shape[1])) ** 0.5
-    return (torch.rand(n, shape[1], generator=gen) * 2 - 1) * bound
+def _initial_embeddings(shape: torch.Size, seed: int) -> Tensor:
+    """A whole embedding table drawn as the torch-geometric LightGCN initialises its own
+    (``xavier_uniform_``), from ``seed``: each node has its own row, and a node re-drawn by
+    two requests gets the same row (never two nodes the same one)."""
+    gen = torch.Generator().manual_seed(seed)
+    return nn.init.xavier_uniform_(torch.empty(tuple(shape)), generator=gen)
 
 
 def _context(model: nn.Module, edges: RecEdges) -> _Context:
