@@ -454,7 +454,7 @@ class UnlearnRec(RecRemovalMethod):
                                               final)
         return self.pretrain_report
 
-    #: the fields only a request reads (its fine-tuning, the reset of emptied nodes):
+    #: the fields only a request reads (its fine-tuning, the reset of emptied users):
     #: changing them keeps the pre-trained encoder
     REQUEST_FIELDS = ("finetune_steps", "finetune_lr", "reset_emptied_users")
 
