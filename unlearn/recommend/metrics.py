@@ -45,7 +45,7 @@ def _scores(model_or_scores: nn.Module | Tensor, graph: InteractionGraph) -> Ten
         s = score_matrix(model_or_scores, graph)
     if not bool(torch.isfinite(s).all()):
         raise ValueError("scores hold NaN or infinite values")
-    return s.detach().float()
+    return s.detach().float().cpu()
 
 
 def ranking_metrics(model_or_scores: nn.Module | Tensor, graph: InteractionGraph,

@@ -166,6 +166,7 @@ def bpr_loss(model: LightGCN, graph: InteractionGraph, users: Tensor, pos: Tenso
     ego embedding matrix (see :func:`propagate`)."""
     n_users = graph.n_users
     out = propagate(model, graph, weight)
+    users, pos, neg = (t.to(out.device) for t in (users, pos, neg))
     eu, ep, en = out[users], out[pos + n_users], out[neg + n_users]
     terms = -F.logsigmoid((eu * ep).sum(-1) - (eu * en).sum(-1))
     if reg:
@@ -253,6 +254,7 @@ def score_pairs(model: nn.Module, graph: InteractionGraph, pairs: Tensor) -> Ten
     if hasattr(model, "score_matrix") and not isinstance(model, LightGCN):
         return model.score_matrix(graph)[pairs[:, 0], pairs[:, 1]]
     users, items = embeddings(model, graph)  # type: ignore[arg-type]
+    pairs = pairs.to(users.device)
     return (users[pairs[:, 0]] * items[pairs[:, 1]]).sum(-1)
 
 

@@ -121,7 +121,9 @@ def lightgcn_embeddings(model: nn.Module, layer0: Tensor, adj: Tensor) -> Tensor
 
 
 def pair_scores(final: Tensor, users: Tensor, items: Tensor, num_users: int) -> Tensor:
-    """LightGCN scores: the dot product of the user's and the item's final embeddings."""
+    """LightGCN scores: the dot product of the user's and the item's final embeddings (the
+    indices may live on the CPU while ``final`` is on an accelerator)."""
+    users, items = users.to(final.device), items.to(final.device)
     return (final[users] * final[items + num_users]).sum(-1)
 
 
@@ -259,16 +261,20 @@ def _degrees(edges: RecEdges) -> Tensor:
 
 
 def _make_request(graph: RecEdges, drop: Tensor, degrees: Tensor,
-                  dtype: torch.dtype = torch.float32) -> _Request:
+                  dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> _Request:
+    """The request's tensors; the edges and degrees stay on the CPU (sampling), the
+    adjacencies and shares go to ``device`` (the model's)."""
     deleted, remaining = graph.select(drop), graph.select(~drop)
     n = graph.num_nodes
     lost = _degrees(deleted).to(dtype) / degrees.clamp(min=1).to(dtype)
     return _Request(
         deleted, remaining,
         normalized_adjacency(deleted.users, deleted.items, graph.num_users, n, dtype,
-                             degrees=degrees),
-        normalized_adjacency(remaining.users, remaining.items, graph.num_users, n, dtype),
-        lost[:, None], degrees)
+                             degrees=degrees).to(device),
+        normalized_adjacency(remaining.users, remaining.items, graph.num_users, n,
+                             dtype).to(device),
+        lost[:, None].to(device), degrees)
 
 
 def _drop_view(req: _Request, rate: float, gen: torch.Generator) -> Tensor:
@@ -278,7 +284,8 @@ def _drop_view(req: _Request, rate: float, gen: torch.Generator) -> Tensor:
         keep[0] = True
     kept = deleted.select(keep)
     return normalized_adjacency(kept.users, kept.items, deleted.num_users, deleted.num_nodes,
-                                req.lost_share.dtype, degrees=req.degrees)
+                                req.lost_share.dtype, degrees=req.degrees
+                                ).to(req.lost_share.device)
 
 
 @dataclass
@@ -355,7 +362,8 @@ def _losses(encoder: InfluenceEncoder, ctx: _Context, req: _Request, cfg: Unlear
         level = new_scores[len(u) + len(rand_u):].detach().view(len(d), -1).mean(1)
     else:
         unseen = ~in_sorted(rand_u * ni + rand_i, ctx.train_keys)
-        level = new_scores[len(u):len(u) + len(rand_u)][unseen].mean().detach()
+        level = new_scores[len(u):len(u) + len(rand_u)][unseen.to(new_scores.device)
+                                                         ].mean().detach()
     unlearn_loss = unlearn_hinge(pair_scores(final, d.users, d.items, nu), level,
                                  cfg.unlearn_margin, cfg.unlearn_floor)
 
@@ -383,7 +391,7 @@ def _contrast(encoder: InfluenceEncoder, ctx: _Context, req: _Request, cfg: Unle
              for _ in range(2)]
     z1, z2 = (F.normalize(v[nodes], dim=1) for v in views)
     logits = z1 @ z2.T / cfg.temperature
-    return F.cross_entropy(logits, torch.arange(nodes.numel()))
+    return F.cross_entropy(logits, torch.arange(nodes.numel(), device=logits.device))
 
 
 def _total(losses: dict[str, Tensor], cfg: UnlearnRecConfig) -> Tensor:
@@ -434,13 +442,13 @@ class UnlearnRec(RecRemovalMethod):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             encoder = InfluenceEncoder(edges.num_nodes, emb.shape[1], layers=cfg.layers,
-                                       hidden=cfg.hidden).to(emb.dtype)
+                                       hidden=cfg.hidden).to(device=emb.device, dtype=emb.dtype)
         ctx = _context(model, edges)
         opt = torch.optim.Adam(encoder.parameters(), lr=cfg.lr)
         history: list[dict[str, float]] = []
         for _ in range(cfg.pretrain_steps):
             req = _make_request(edges, _simulated_drop(edges, cfg, gen), ctx.degrees,
-                                ctx.base.dtype)
+                                ctx.base.dtype, ctx.base.device)
             losses = _losses(encoder, ctx, req, cfg, gen)
             opt.zero_grad()
             _total(losses, cfg).backward()
@@ -524,8 +532,8 @@ class UnlearnRec(RecRemovalMethod):
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         ctx = _context(model, edges)
         req = _make_request(edges, torch.isin(edges.ids, forget_ids), ctx.degrees,
-                            ctx.base.dtype)
-        encoder = copy.deepcopy(self.encoder).requires_grad_(True)
+                            ctx.base.dtype, ctx.base.device)
+        encoder = copy.deepcopy(self.encoder).to(ctx.base.device).requires_grad_(True)
         opt = torch.optim.Adam(encoder.parameters(), lr=cfg.finetune_lr)
         last: dict[str, float] = {}
         for _ in range(cfg.finetune_steps):
@@ -542,7 +550,7 @@ class UnlearnRec(RecRemovalMethod):
             if len(emptied):
                 weight = model.embedding.weight
                 fresh = _initial_embeddings(weight.shape, cfg.seed + 2)
-                weight[emptied] = fresh[emptied].to(weight.dtype)
+                weight[emptied.to(weight.device)] = fresh[emptied].to(weight)
         return model, {"n_retain": remaining.n_train, "finetune_steps": cfg.finetune_steps,
                        "reset_users": int(len(emptied)),
                        "finetune_losses": last, "delta_norm": float(delta.norm()),
@@ -568,7 +576,7 @@ def _initial_embeddings(shape: torch.Size, seed: int) -> Tensor:
 def _context(model: nn.Module, edges: RecEdges) -> _Context:
     base = model.embedding.weight.detach().clone()
     adj = normalized_adjacency(edges.users, edges.items, edges.num_users, edges.num_nodes,
-                               base.dtype)
+                               base.dtype).to(base.device)
     with torch.no_grad():
         final = lightgcn_embeddings(model, base, adj)
     return _Context(model, base, final, torch.sort(edges.keys()).values, _degrees(edges))
