@@ -345,3 +345,18 @@ def test_retraining_leaves_a_user_without_edges_at_its_initialisation(graph):
     assert torch.equal(retrained.embedding.weight[user], init.embedding.weight[user])
     node = graph.n_users + item
     assert not torch.equal(retrained.embedding.weight[node], init.embedding.weight[node])
+
+
+def test_the_one_pass_shortcut_is_the_encoder_pass_of_the_general_path(model, graph, method):
+    from unlearn.removal.recommend import _context, _make_request
+
+    forget = graph.train_ids[::9]
+    one_pass = method.with_request_settings(finetune_steps=0, reset_emptied_users=False)
+    new = one_pass.unlearn(model, graph, forget).model.embedding.weight
+    edges = as_rec_edges(graph)
+    ctx = _context(model, edges)
+    req = _make_request(edges, torch.isin(edges.ids, forget), ctx.degrees)
+    with torch.no_grad():
+        expected = model.embedding.weight + method.encoder(req.deleted_adj, ctx.base,
+                                                           req.lost_share)
+    assert torch.equal(new, expected)

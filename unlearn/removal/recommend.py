@@ -260,21 +260,28 @@ def _degrees(edges: RecEdges) -> Tensor:
                           minlength=edges.num_nodes)
 
 
+def _encoder_inputs(graph: RecEdges, drop: Tensor, degrees: Tensor, dtype: torch.dtype,
+                    device: torch.device | str) -> tuple[RecEdges, Tensor, Tensor]:
+    """What the encoder reads of a request: the deleted edges, their adjacency normalised by
+    the training graph's ``degrees`` and each node's share of deleted edges (the last two on
+    ``device``)."""
+    deleted = graph.select(drop)
+    lost = _degrees(deleted).to(dtype) / degrees.clamp(min=1).to(dtype)
+    adj = normalized_adjacency(deleted.users, deleted.items, graph.num_users, graph.num_nodes,
+                               dtype, degrees=degrees)
+    return deleted, adj.to(device), lost[:, None].to(device)
+
+
 def _make_request(graph: RecEdges, drop: Tensor, degrees: Tensor,
                   dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu") -> _Request:
     """The request's tensors; the edges and degrees stay on the CPU (sampling), the
     adjacencies and shares go to ``device`` (the model's)."""
-    deleted, remaining = graph.select(drop), graph.select(~drop)
-    n = graph.num_nodes
-    lost = _degrees(deleted).to(dtype) / degrees.clamp(min=1).to(dtype)
-    return _Request(
-        deleted, remaining,
-        normalized_adjacency(deleted.users, deleted.items, graph.num_users, n, dtype,
-                             degrees=degrees).to(device),
-        normalized_adjacency(remaining.users, remaining.items, graph.num_users, n,
-                             dtype).to(device),
-        lost[:, None].to(device), degrees)
+    deleted, deleted_adj, lost = _encoder_inputs(graph, drop, degrees, dtype, device)
+    remaining = graph.select(~drop)
+    remaining_adj = normalized_adjacency(remaining.users, remaining.items, graph.num_users,
+                                         graph.num_nodes, dtype).to(device)
+    return _Request(deleted, remaining, deleted_adj, remaining_adj, lost, degrees)
 
 
 def _drop_view(req: _Request, rate: float, gen: torch.Generator) -> Tensor:
@@ -529,23 +536,34 @@ class UnlearnRec(RecRemovalMethod):
         cfg = self.config
         edges = as_rec_edges(graph)
         pretrained_here = self.is_pretrained_for(model)
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
-        ctx = _context(model, edges)
-        req = _make_request(edges, torch.isin(edges.ids, forget_ids), ctx.degrees,
-                            ctx.base.dtype, ctx.base.device)
-        encoder = copy.deepcopy(self.encoder).to(ctx.base.device).requires_grad_(True)
-        opt = torch.optim.Adam(encoder.parameters(), lr=cfg.finetune_lr)
+        drop = torch.isin(edges.ids, forget_ids)
+        base = model.embedding.weight.detach().clone()
         last: dict[str, float] = {}
-        for _ in range(cfg.finetune_steps):
-            losses = _losses(encoder, ctx, req, cfg, gen)
-            opt.zero_grad()
-            _total(losses, cfg).backward()
-            opt.step()
-            last = {k: float(v.detach()) for k, v in losses.items()}
+        if cfg.finetune_steps == 0:
+            # the encoder's one pass: no losses, so neither the original model's scores nor
+            # the remaining graph's adjacency are needed
+            encoder = self.encoder  # not changed: no gradient, no step
+            if next(encoder.parameters()).device != base.device:
+                encoder = copy.deepcopy(encoder).to(base.device)
+            _, deleted_adj, lost = _encoder_inputs(edges, drop, _degrees(edges), base.dtype,
+                                                   base.device)
+        else:
+            gen = torch.Generator().manual_seed(cfg.seed + 1)
+            ctx = _context(model, edges)
+            req = _make_request(edges, drop, ctx.degrees, base.dtype, base.device)
+            encoder = copy.deepcopy(self.encoder).to(base.device).requires_grad_(True)
+            opt = torch.optim.Adam(encoder.parameters(), lr=cfg.finetune_lr)
+            for _ in range(cfg.finetune_steps):
+                losses = _losses(encoder, ctx, req, cfg, gen)
+                opt.zero_grad()
+                _total(losses, cfg).backward()
+                opt.step()
+                last = {k: float(v.detach()) for k, v in losses.items()}
+            deleted_adj, lost = req.deleted_adj, req.lost_share
         with torch.no_grad():
-            delta = encoder(req.deleted_adj, ctx.base, req.lost_share)
+            delta = encoder(deleted_adj, base, lost)
             model.embedding.weight.add_(delta)
-            emptied = (_emptied_users(req) if cfg.reset_emptied_users
+            emptied = (_emptied_users(edges, drop) if cfg.reset_emptied_users
                        else torch.zeros(0, dtype=torch.long))
             if len(emptied):
                 weight = model.embedding.weight
@@ -558,11 +576,11 @@ class UnlearnRec(RecRemovalMethod):
                        "pretrained_on_this_model": pretrained_here, "config": asdict(cfg)}
 
 
-def _emptied_users(req: _Request) -> Tensor:
-    """The users that had training edges and have none left after the request."""
-    nu = req.remaining.num_users
-    left = _degrees(req.remaining)[:nu]
-    return torch.nonzero((req.degrees[:nu] > 0) & (left == 0)).squeeze(1)
+def _emptied_users(edges: RecEdges, drop: Tensor) -> Tensor:
+    """The users that had training edges and have none left once ``drop`` is removed."""
+    had = torch.bincount(edges.users, minlength=edges.num_users) > 0
+    left = torch.bincount(edges.users[~drop], minlength=edges.num_users) > 0
+    return torch.nonzero(had & ~left).squeeze(1)
 
 
 def _initial_embeddings(shape: torch.Size, seed: int) -> Tensor:
