@@ -455,7 +455,7 @@ def table(rows: list[dict[str, Any]], scenario: str, names: list[str]) -> list[s
             f"{_ms([r['never_seen_mean'] for r in rs], '{:.2f}')} | {below}/{len(rs)} | "
             f"{_ms([100 * r.get('below_user_never_seen', np.nan) for r in rs], '{:.0f}')} % | "
             f"{_ms([r['auc_vs_never_seen'] for r in rs], '{:.3f}')} | "
-            f"{_ms([r['seconds'] for r in rs], '{:.2f}')} | "
+            f"{_ms([r['seconds'] for r in rs], '{:.3f}')} | "
             f"{_ms(speed, '{:.1f}') + '×' if speed else '–'} |")
     return out
 
@@ -828,7 +828,7 @@ def ledger_section(demo: dict[str, Any]) -> list[str]:
         f"{demo['n_requests']} requests (user {demo['user']} as a whole and "
         f"{demo['n_pairs']} single interactions of other users, each named as a (user, item) "
         f"pair) submitted to a fresh ledger, applied in one batch by UnlearnRec "
-        f"({demo['n_forget']} interactions, {demo['seconds']:.2f} s, plus "
+        f"({demo['n_forget']} interactions, {demo['seconds']:.3f} s, plus "
         f"{demo['pretrain_seconds']:.1f} s of pre-training on the first request), then "
         "certified by `certify_requests` against 3 LightGCNs retrained without them "
         f"(seeds 0, 1, 2). Requests end in state(s) {', '.join(demo['states'])}; the ledger's "
@@ -845,7 +845,7 @@ def ledger_section(demo: dict[str, Any]) -> list[str]:
     cost = cert["cost"]
     sp = cost.get("speedup")
     lines += ["", f"Certificate: {'PASS' if cert['passed'] else 'FAIL'}. Removal "
-              f"{cost['removal_seconds']:.2f} s vs retraining "
+              f"{cost['removal_seconds']:.3f} s vs retraining "
               f"{cost['retrain_seconds_mean']:.1f} s on average"
               + (f" ({sp:.0f}× faster)" if sp else "") + "; deleted-pair mean score "
               f"{cert['metrics']['deleted_mean']:.3f} vs never-seen "
