@@ -929,7 +929,7 @@ def reading_notes(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             "  With fine-tuning steps (variants below) the deleted-pair mean on random "
             "interactions is "
-            f"{mean(inter, 'unlearnrec', 'deleted_mean'):.2f} (no steps) to "
+            f"{mean(inter, 'unlearnrec', 'deleted_mean'):.2f} (no steps), "
             + ", ".join(f"{mean(inter, m, 'deleted_mean'):.2f} ({k} step{'s' * (k > 1)}, "
                         f"{speed(inter, m):.0f}×)" for k, m in steps)
             + f" against retraining's {mean(inter, 'retrain', 'deleted_mean'):.2f}; on whole "
