@@ -28,25 +28,18 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import recommend_unlearning as ru  # noqa: E402
 
-from unlearn.recommend import BPRConfig, fit_bpr, load_movielens_100k, make_lightgcn  # noqa: E402
+from unlearn.recommend import BPRConfig, load_movielens_100k, train_lightgcn  # noqa: E402
 from unlearn.removal.recommend import UnlearnRec, UnlearnRecConfig  # noqa: E402
 
 MD = ROOT / "docs" / "results" / "recommend_gpu.md"
 
 
-def timed(fn: Any, *args: Any) -> tuple[Any, float]:
+def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     torch.cuda.synchronize()
     start = time.perf_counter()
-    out = fn(*args)
+    out = fn(*args, **kwargs)
     torch.cuda.synchronize()
     return out, time.perf_counter() - start
-
-
-def train(graph: Any, cfg: BPRConfig, device: str) -> torch.nn.Module:
-    model = make_lightgcn(graph, cfg.dim, cfg.num_layers, cfg.seed).to(device)
-    fit_bpr(model, graph, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, reg=cfg.reg,
-            seed=cfg.seed + 1)
-    return model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,14 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = BPRConfig()
     rows = []
     for seed in args.seeds:
-        base, train_s = timed(train, graph, replace(cfg, seed=seed), args.device)
+        base, train_s = timed(train_lightgcn, graph, replace(cfg, seed=seed),
+                              device=args.device)
         method = UnlearnRec(UnlearnRecConfig(seed=seed))
         _, pre_s = timed(method.pretrain, base, graph)
         for scenario in ru.SCENARIOS:
             forget = ru.forget_ids(graph, scenario, seed)
             remaining = graph.without(forget)
-            ref, retrain_s = timed(train, remaining, replace(cfg, seed=seed + 100),
-                                   args.device)
+            ref, retrain_s = timed(train_lightgcn, remaining,
+                                   replace(cfg, seed=seed + 100), device=args.device)
             method.unlearn(base, graph, forget)  # warm-up
             times, result = [], None
             for _ in range(3):

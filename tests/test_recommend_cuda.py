@@ -46,6 +46,13 @@ def test_training_on_cuda_matches_the_cpu(graph):
     assert torch.allclose(gpu.embedding.weight.cpu(), cpu.embedding.weight, atol=1e-4)
 
 
+def test_train_lightgcn_on_cuda_matches_the_cpu(graph):
+    cpu = train_lightgcn(graph, CONFIG, epochs=5)
+    gpu = train_lightgcn(graph, CONFIG, epochs=5, device="cuda")
+    assert gpu.embedding.weight.is_cuda
+    assert torch.allclose(gpu.embedding.weight.cpu(), cpu.embedding.weight, atol=1e-4)
+
+
 def test_unlearnrec_on_cuda_matches_the_cpu(graph):
     model = train_lightgcn(graph, CONFIG)
     forget = torch.cat([forget_request(graph, users=[4]), graph.train_ids[::17]]).unique()

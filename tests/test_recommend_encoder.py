@@ -360,3 +360,14 @@ def test_the_one_pass_shortcut_is_the_encoder_pass_of_the_general_path(model, gr
         expected = model.embedding.weight + method.encoder(req.deleted_adj, ctx.base,
                                                            req.lost_share)
     assert torch.equal(new, expected)
+
+
+def test_a_reset_row_depends_only_on_the_seed_and_the_node():
+    from unlearn.removal.recommend import _initial_rows
+
+    shape = torch.Size([70, 16])
+    alone = _initial_rows(torch.tensor([5]), shape, seed=3)
+    together = _initial_rows(torch.tensor([2, 5, 9]), shape, seed=3)
+    assert torch.equal(alone[0], together[1])
+    assert not torch.equal(together[0], together[1])
+    assert not torch.equal(alone, _initial_rows(torch.tensor([5]), shape, seed=4))

@@ -215,13 +215,14 @@ def fit_bpr(model: LightGCN, graph: InteractionGraph, *, epochs: int, lr: float,
     return history
 
 
-def train_lightgcn(graph: InteractionGraph, config: BPRConfig | None = None,
-                   **overrides: Any) -> LightGCN:
+def train_lightgcn(graph: InteractionGraph, config: BPRConfig | None = None, *,
+                   device: torch.device | str = "cpu", **overrides: Any) -> LightGCN:
     """A LightGCN trained from scratch on ``graph`` (seeded: same graph and config, same
-    weights). ``overrides`` replace fields of ``config`` (``dim``, ``num_layers``, ``epochs``,
-    ``lr``, ``batch_size``, ``reg``, ``seed``). The losses are in ``model.bpr_history``."""
+    weights), on ``device``. ``overrides`` replace fields of ``config`` (``dim``,
+    ``num_layers``, ``epochs``, ``lr``, ``batch_size``, ``reg``, ``seed``). The losses are in
+    ``model.bpr_history``."""
     config = replace(config or BPRConfig(), **overrides)
-    model = make_lightgcn(graph, config.dim, config.num_layers, config.seed)
+    model = make_lightgcn(graph, config.dim, config.num_layers, config.seed).to(device)
     history = fit_bpr(model, graph, epochs=config.epochs, lr=config.lr,
                       batch_size=config.batch_size, reg=config.reg, seed=config.seed + 1)
     model.bpr_history = history  # type: ignore[attr-defined]

@@ -537,9 +537,9 @@ class UnlearnRec(RecRemovalMethod):
         edges = as_rec_edges(graph)
         pretrained_here = self.is_pretrained_for(model)
         drop = torch.isin(edges.ids, forget_ids)
-        base = model.embedding.weight.detach().clone()
         last: dict[str, float] = {}
         if cfg.finetune_steps == 0:
+            base = model.embedding.weight.detach().clone()
             # the encoder's one pass: no losses, so neither the original model's scores nor
             # the remaining graph's adjacency are needed
             encoder = self.encoder  # not changed: no gradient, no step
@@ -550,6 +550,7 @@ class UnlearnRec(RecRemovalMethod):
         else:
             gen = torch.Generator().manual_seed(cfg.seed + 1)
             ctx = _context(model, edges)
+            base = ctx.base
             req = _make_request(edges, drop, ctx.degrees, base.dtype, base.device)
             encoder = copy.deepcopy(self.encoder).to(base.device).requires_grad_(True)
             opt = torch.optim.Adam(encoder.parameters(), lr=cfg.finetune_lr)
@@ -567,8 +568,8 @@ class UnlearnRec(RecRemovalMethod):
                        else torch.zeros(0, dtype=torch.long))
             if len(emptied):
                 weight = model.embedding.weight
-                fresh = _initial_embeddings(weight.shape, cfg.seed + 2)
-                weight[emptied.to(weight.device)] = fresh[emptied].to(weight)
+                fresh = _initial_rows(emptied, weight.shape, cfg.seed + 2)
+                weight[emptied.to(weight.device)] = fresh.to(weight)
         return model, {"n_retain": remaining.n_train, "finetune_steps": cfg.finetune_steps,
                        "reset_users": int(len(emptied)),
                        "finetune_losses": last, "delta_norm": float(delta.norm()),
@@ -583,12 +584,16 @@ def _emptied_users(edges: RecEdges, drop: Tensor) -> Tensor:
     return torch.nonzero(had & ~left).squeeze(1)
 
 
-def _initial_embeddings(shape: torch.Size, seed: int) -> Tensor:
-    """A whole embedding table drawn as the torch-geometric LightGCN initialises its own
-    (``xavier_uniform_``), from ``seed``: each node has its own row, and a node re-drawn by
-    two requests gets the same row (never two nodes the same one)."""
-    gen = torch.Generator().manual_seed(seed)
-    return nn.init.xavier_uniform_(torch.empty(tuple(shape)), generator=gen)
+def _initial_rows(nodes: Tensor, shape: torch.Size, seed: int) -> Tensor:
+    """Rows ``nodes`` of an embedding table of ``shape`` drawn as the torch-geometric LightGCN
+    initialises its own (``xavier_uniform_``: uniform on ``±sqrt(6 / (rows + dim))``). Each
+    node's row comes from its own generator (``seed``, node): a node re-drawn by two requests
+    gets the same row, two nodes draw from different generators, and the cost is that of
+    the rows drawn, not of the table."""
+    bound = (6.0 / (shape[0] + shape[1])) ** 0.5
+    rows = [torch.rand(shape[1], generator=torch.Generator().manual_seed(
+        seed * 1_000_003 + int(node))) for node in nodes]
+    return (torch.stack(rows) * 2 - 1) * bound
 
 
 def _context(model: nn.Module, edges: RecEdges) -> _Context:
