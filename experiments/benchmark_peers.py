@@ -69,6 +69,17 @@ class Method:
 #: (50-99, not the benchmark's 0-49) is within 0.01 of 100 iterations'
 #: (``experiments/benchmark_cg_iterations.py``)
 MLP_CG_ITER = 50
+
+
+def check_cg_iterations() -> None:
+    """Refuse to run the MLP part when benchmark_cg_iterations.py chose another count than
+    :data:`MLP_CG_ITER` (its JSON, where present)."""
+    path = ROOT / "experiments" / "out" / "benchmark_cg_iterations.json"
+    if path.is_file():
+        chosen = json.loads(path.read_text())["chosen"]
+        if chosen != MLP_CG_ITER:
+            raise SystemExit(f"{path} chose {chosen} CG iterations but MLP_CG_ITER is "
+                             f"{MLP_CG_ITER}: update the constant")
 #: methods that take minutes per run: repeated only ``--slow-reps`` times
 SLOW = {"dattri explicit", "dattri CG 100 it", "dattri LiSSA", "dattri TracIn",
         "ours TracIn", "ours CG (GGN) 100 it", "ours CG (GGN) 100 it, EK-FAC preconditioned",
@@ -776,6 +787,8 @@ def main(argv: list[str] | None = None) -> None:
     if not parts and not a.report:
         sys.exit("choose --all, one or more of --speedup --lr --mlp --flops --scaling "
                  "--profile, or --report")
+    if "mlp" in parts:
+        check_cg_iterations()
     command = ".venv/bin/python experiments/benchmark_peers.py " + " ".join(
         shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
     OUT.mkdir(parents=True, exist_ok=True)

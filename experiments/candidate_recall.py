@@ -53,7 +53,7 @@ from unlearn.influence.candidates import (  # noqa: E402
     layer_inputs,
     scores_on_candidates,
 )
-from unlearn.recommend.data import read_movielens_ratings  # noqa: E402
+from unlearn.recommend.data import _find_ratings_file, read_movielens_ratings  # noqa: E402
 from unlearn.tasks import ClassificationTask  # noqa: E402
 from unlearn.training import train_lbfgs, train_sgd  # noqa: E402
 
@@ -182,7 +182,9 @@ class BagOfItems(nn.Module):
 
 def movielens_sequences(root: Path) -> tuple[list[np.ndarray], int]:
     """Each user's rated items (any rating) in time order, as tokens 1..n_items."""
-    path = root / "ml-100k.inter" if (root / "ml-100k.inter").exists() else root / "u.data"
+    path = _find_ratings_file(root)
+    if path is None:
+        raise FileNotFoundError(f"no ml-100k.inter or u.data under {root}")
     r = read_movielens_ratings(path)
     r = r[np.lexsort((r[:, 1], r[:, 3], r[:, 0]))]  # by user, then time (ties: item id)
     _, tokens = np.unique(r[:, 1], return_inverse=True)

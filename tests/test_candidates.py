@@ -90,13 +90,13 @@ def test_tfidf_index_is_built_once_and_answers_like_the_function():
     queries = [list(rng.integers(0, 60, size=8)) for _ in range(7)]  # 40..59: unseen terms
     index = TfidfIndex(train, ngram=2)
     assert len(index) == 90
-    matrix = index.matrix
+    matrix = index.matrix_t
     together = index.candidates(queries, 5)
     one_by_one = torch.cat([index.candidates([q], 5) for q in queries])
     assert torch.equal(together, one_by_one)
     assert torch.equal(together, tfidf_candidates(queries, train, 5, ngram=2))
-    assert index.matrix is matrix  # queries never rebuild or grow the training side
-    assert len(index.vocab) == matrix.shape[1]
+    assert index.matrix_t is matrix  # queries never rebuild or grow the training side
+    assert len(index.vocab) == matrix.shape[0]
     with pytest.raises(ValueError, match="k"):
         index.candidates(queries, 91)
 

@@ -447,8 +447,22 @@ def test_reusing_the_guards_forward_changes_nothing(digits):
         def _correct(self, model, batches, first_loss=None):
             return super()._correct(model, batches, None)
 
+    class Counting(ClassificationTask):
+        calls = 0
+
+        def loss(self, model, batch):
+            Counting.calls += 1
+            return super().loss(model, batch)
+
+    def loss_calls(method_cls, **extra):
+        Counting.calls = 0
+        result = run(method_cls(Counting(), **kw, **extra), digits)
+        return result, Counting.calls
+
     kw = dict(retain_steps=3, weight_decay=1e-3)
-    reused, fresh = run(IAU(TASK, **kw), digits), run(Recomputing(TASK, **kw), digits)
+    (reused, n_reused), (fresh, n_fresh) = loss_calls(IAU), loss_calls(Recomputing)
+    # the saving is real: one forward pass of the correction's first batch fewer
+    assert n_reused == n_fresh - 1
     assert reused.details["first_objective_reused"]
     assert not fresh.details["first_objective_reused"]
     assert reused.details["retain_step_lrs"] == fresh.details["retain_step_lrs"]
@@ -457,5 +471,17 @@ def test_reusing_the_guards_forward_changes_nothing(digits):
     # a guard over more batches than one correction step reads is not reused
     wide = run(IAU(TASK, guard_batches=2, **kw), digits)
     assert not wide.details["first_objective_reused"]
-    # without a correction the guard keeps no graph
+    # the guard keeps an autograd graph only where the correction reuses it
+    graphs = []
+
+    class Watching(IAU):
+        def _guarded_step(self, *args, **kwargs):
+            out = super()._guarded_step(*args, **kwargs)
+            graphs.append(out[2].requires_grad)
+            return out
+
+    run(Watching(TASK, **kw), digits)
+    run(Watching(TASK, retain_steps=0), digits)
+    run(Watching(TASK, guard_batches=2, **kw), digits)
+    assert graphs == [True, False, False]
     assert not run(IAU(TASK, retain_steps=0), digits).details["first_objective_reused"]

@@ -54,11 +54,12 @@ class TfidfIndex:
         T = _counts(train, ngram, self.vocab, grow=True)
         df = np.bincount(T.indices, minlength=len(self.vocab))
         self.idf = np.log((1.0 + T.shape[0]) / (1.0 + df)) + 1.0
-        self.matrix = _tfidf(T, self.idf, sublinear_tf)
-        self.matrix_t = self.matrix.T.tocsr()
+        # stored transposed ([terms, train]): a query block's product with it needs no
+        # per-query conversion, and one copy is kept, not two
+        self.matrix_t = _tfidf(T, self.idf, sublinear_tf).T.tocsr()
 
     def __len__(self) -> int:
-        return self.matrix.shape[0]
+        return self.matrix_t.shape[1]
 
     def candidates(self, query_tokens: Sequence[Sequence[int]] | Tensor, k: int) -> Tensor:
         """Indices ``[n_query, k]`` of each query's k training sequences of largest TF-IDF

@@ -34,7 +34,13 @@ import torch
 from torch import Tensor
 
 from unlearn.influence.base import _ScoreSink
-from unlearn.influence.grads import ParamSpace, check_finite_batch, per_sample_grads, to_model
+from unlearn.influence.grads import (
+    ParamSpace,
+    check_finite_batch,
+    check_finite_grads,
+    per_sample_grads,
+    to_model,
+)
 from unlearn.influence.hook_grads import LayerGrads, capture_layer_grads, materialise
 from unlearn.influence.layers import LayerAdapter
 from unlearn.tasks import Task
@@ -146,9 +152,7 @@ def rotated_batches(model: Any, task: Task, loader: Any, space: ParamSpace,
         factors, mats, size = {}, {}, 0
         for b in bases:
             lg = grads[b.layer.name]
-            if not torch.isfinite(lg.g.sum()):
-                raise FloatingPointError("per-sample gradients contain NaN or inf: check the "
-                                         "model weights and inputs")
+            check_finite_grads(lg.g)
             size = lg.g.shape[0]
             r = _rotate_factors(b, lg)
             if isinstance(r, tuple):

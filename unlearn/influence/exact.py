@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from unlearn.influence.base import InfluenceEstimator
+from unlearn.influence.ekfac import _stable_eigh
 from unlearn.influence.grads import (
     _CLONE,
     check_finite_batch,
@@ -462,8 +463,9 @@ def _reached_outputs(g: Tensor) -> Tensor | None:
     ``[B, K, d_out]`` of all examples reach, or ``None`` where that is all of them: an
     eigenvalue of ``Σ_bk g_bk g_bkᵀ`` at or below ``max · d_out · eps`` (the precision
     ``g`` was computed in) counts as zero."""
-    S = torch.einsum("bko,bkp->op", g.double(), g.double())
-    evals, evecs = torch.linalg.eigh(S)
+    gd = g.reshape(-1, g.shape[-1]).double()
+    S = gd.T @ gd
+    evals, evecs = _stable_eigh(S, "output-gradient")
     keep = evals > float(evals.max()) * S.shape[0] * torch.finfo(g.dtype).eps
     if bool(keep.all()) or not bool(keep.any()):
         return None

@@ -164,7 +164,7 @@ def per_sample_grads(
     if hooks:
         flat = _hooked_per_sample_grads(model, task, inputs, targets, space, query)
         if flat is not None:
-            _check_finite_grads(flat)
+            check_finite_grads(flat)
             return flat
     params = space.params(model)
     loss_of = task.query_loss if query else task.per_sample_loss
@@ -175,11 +175,12 @@ def per_sample_grads(
 
     grads = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, inputs, targets)
     flat = space.flatten(grads, batch_dims=1)
-    _check_finite_grads(flat)
+    check_finite_grads(flat)
     return flat
 
 
-def _check_finite_grads(flat: Tensor) -> None:
+def check_finite_grads(flat: Tensor) -> None:
+    """A clear error where per-sample gradients hold NaN or inf (see :func:`all_finite`)."""
     if not all_finite(flat):
         raise FloatingPointError(
             "per-sample gradients contain NaN or inf: check the model weights and inputs"

@@ -41,7 +41,13 @@ from torch.utils.data._utils.collate import default_collate
 
 from unlearn.checkpoints import read_weights_file
 from unlearn.data import IndexedDataset
-from unlearn.influence.grads import ParamSpace, check_finite_batch, model_dtype_device, to_model
+from unlearn.influence.grads import (
+    ParamSpace,
+    all_finite,
+    check_finite_batch,
+    model_dtype_device,
+    to_model,
+)
 from unlearn.tasks import Task
 
 __all__ = [
@@ -497,7 +503,7 @@ class SGDReplay:
             return self.task.per_sample_loss(out, _single(y)).sum()
 
         G = vmap(grad(one), in_dims=(None, 0, 0))(theta, inputs, targets)
-        if not torch.isfinite(G.sum()):
+        if not all_finite(G):
             raise FloatingPointError(f"per-sample gradients of step {t} contain NaN or inf")
         return G
 
