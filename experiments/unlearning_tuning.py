@@ -275,7 +275,8 @@ def report_lines(tuned: dict[str, Any]) -> list[str]:
     judged = ("the worst validation gap over seeds "
               f"{', '.join(map(str, base_seeds))} (the model's training and the forget set)"
               if len(base_seeds) > 1 else "the validation gap of seed 0")
-    return [f"Chosen by `--tune-methods` on {tuned['validation']} (10% random forgetting, "
+    return [f"Chosen by `--tune-methods`, last run {um.provenance_text(tuned, TUNED)}, on "
+            f"{tuned['validation']} (10% random forgetting, "
             f"{judged} to retraining in pp; the smallest wins): " + "; ".join(parts) + ".", "",
             "IAU's work knobs (the correction's batch size, number of steps and first step "
             "size, and for IAU without an estimator the number of retain batches its curvature "
