@@ -922,7 +922,8 @@ def write_report(data: dict[str, Any], out: Path) -> Path:
                   f"gap to retraining), run {provenance_text(tune, TUNING_IAU)}: {per}. The "
                   "damping search ran IAU with its library-default correction (retain batches "
                   "of 128, 5 steps, first step size 0.2), not with the work knobs chosen below "
-                  "for the main run (those are searched with the damping given by --iau-ekfac-damping).", ""]
+                  "for the main run (those are searched with the damping given by "
+                  "--iau-ekfac-damping).", ""]
     cert_file = cert_path(out)
     cert = json.loads(cert_file.read_text()) if cert_file.exists() else {}
     if cert:
