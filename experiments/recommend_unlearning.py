@@ -867,8 +867,12 @@ def ledger_section(demo: dict[str, Any]) -> list[str]:
                   "certificate passes, unless `certify_failed=True`).", ""]
     parts = demo.get("parts")
     if parts:
+        n_cert = demo.get("certificate", {}).get("config", {}).get("n_random")
         lines += ["The request part by part (mean score of the deleted pairs / their "
-                  "membership AUC against never-seen pairs):", "",
+                  "membership AUC against 5,000 never-seen pairs, the test tables' sample; "
+                  "the certificate above draws its own"
+                  + (f" {n_cert:,}" if isinstance(n_cert, int) else "")
+                  + ", so its 'all' AUCs differ from this table's in the third decimal):", "",
                   "| model | whole user | single interactions | all |",
                   "| --- | --- | --- | --- |"]
         refs = parts["references"]
