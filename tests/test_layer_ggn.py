@@ -222,8 +222,8 @@ def test_exact_with_always_zero_inputs_equals_the_dense_solve(cache, monkeypatch
     assert zero_rows == 2 * 8  # the weights of inputs 1 and 4 into the 8 hidden units
     if cache:  # built and factorised without those rows, and without the softmax's
         # all-ones output direction of the last layer (its 8 inputs and the bias)
-        assert est._rows is not None
-        assert len(est._rows) == est.space.numel - zero_rows - 9
+        assert est._basis is not None
+        assert est._chol.shape[0] == est.space.numel - zero_rows - 9
     V = torch.randn(4, est.space.numel, dtype=torch.float64)  # non-zero on those weights too
     truth = torch.linalg.solve(H + lam * torch.eye(H.shape[0], dtype=torch.float64), V.T).T
     torch.testing.assert_close(est.inverse_hvp(V), truth, rtol=1e-9, atol=1e-12)

@@ -214,7 +214,7 @@ class ExactInfluence(InfluenceEstimator):
                 rows = torch.arange(block.shape[0], device=block.device)
                 A, rows = _drop_zero_rows(block.to(dtype).double(), rows)
                 if self._factorise(A, rows, block.shape[0]):
-                    self._basis, self._rows = basis, rows
+                    self._basis = basis
                     return
             else:
                 A, rows = _drop_zero_rows(block.to(dtype).double(), order)
@@ -250,9 +250,12 @@ class ExactInfluence(InfluenceEstimator):
             # (H + λI)⁻¹ = I/λ + E[(A + λI)⁻¹ − I/λ]Eᵀ, E the block's orthonormal coordinates
             Gd = G.double()
             Z = self._basis.to_block(Gd)
-            W = torch.zeros_like(Z)
-            rows = self._rows if self._rows is not None else slice(None)
-            W[:, rows] = self._chol_solve(Z[:, rows]) - Z[:, rows] / self.damping
+            if self._rows is None:  # no zero row was dropped from the block
+                W = self._chol_solve(Z) - Z / self.damping
+            else:
+                W = torch.zeros_like(Z)
+                W[:, self._rows] = (self._chol_solve(Z[:, self._rows])
+                                    - Z[:, self._rows] / self.damping)
             return (Gd / self.damping + self._basis.from_block(W, G.shape[1])).to(G.dtype)
         if self._chol is not None:
             if self._rows is None:
