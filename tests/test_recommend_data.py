@@ -322,3 +322,13 @@ def test_forgetting_metrics_on_a_known_score_matrix():
         ranking_metrics(torch.full((g.n_users, g.n_items), float("nan")), g)
     with pytest.raises(ValueError, match="scores must be"):
         ranking_metrics(torch.zeros(2, 2), g)
+
+
+def test_in_sorted_is_isin_for_sorted_keys():
+    from unlearn.recommend.data import in_sorted
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.unique(torch.randint(0, 500, (120,), generator=g))
+    query = torch.randint(-5, 510, (400,), generator=g)
+    assert torch.equal(in_sorted(query, keys), torch.isin(query, keys))
+    assert not in_sorted(query, keys[:0]).any()
